@@ -12,34 +12,43 @@ import sys
 
 from .errors import BlackwheelError
 
-# Stage modules with a sub-command, in the order `blackwheel --help` lists them.
-COMMAND_MODULES = (
-    "build",        # build, build-all, plan
-    "sources",      # fetch
-    "patch",        # patches (check every patch of a stack)
-    "inspect",      # inspect
-    "verify",       # verify, compat
-    "doctor",       # doctor
-    "repro",        # repro-1969
-    "index",        # publish, provenance
-    "gpu_report",   # report (kernel tests / bench results -> JSON, Markdown, PNG)
-)
+# Sub-command -> the stage module that registers it. Only the chosen command's module is imported,
+# so ``blackwheel inspect`` on a GPU-less host never imports torch-facing code.
+COMMANDS = {
+    "build": ("build", "build one package of a stack for a target"),
+    "build-all": ("build", "build every package of a stack, in dependency order"),
+    "plan": ("build", "show the arch flags a build would use, compiling nothing"),
+    "fetch": ("sources", "fetch and verify every source of a stack"),
+    "patches": ("patch", "check every patch of every stack against its pinned source"),
+    "inspect": ("inspect", "list the cubins and PTX inside wheels, .so and .o files"),
+    "verify": ("verify", "fail unless every CUDA object runs natively on the target's devices"),
+    "compat": ("verify", "what of each CUDA object runs on a compute capability, and why"),
+    "doctor": ("doctor", "report this machine: GPU, driver, CUDA, compiler, torch, installed kernels"),
+    "repro-1969": ("repro", "reproduce flash-attention issue #1969 and prove the fix"),
+    "publish": ("index", "write the static index, or upload to an index server"),
+    "provenance": ("index", "print where every byte of a wheel came from"),
+    "report": ("gpu_report", "turn kernel test and bench results into JSON, Markdown and PNG"),
+}
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blackwheel",
         description="Source builds of vLLM, FlashInfer and flash-attention for Blackwell SM_120/SM_121.",
+        epilog="commands:\n" + "\n".join(f"  {c:<12} {h}" for c, (_, h) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"blackwheel.{name}")
-        module.register(sub)
+    modules = [COMMANDS[command][0]] if command in COMMANDS else dict.fromkeys(m for m, _ in COMMANDS.values())
+    for name in modules:
+        importlib.import_module(f"blackwheel.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = make_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -22,8 +22,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path``, with the mode a plain open() would give (not mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -40,7 +40,9 @@ class ComputeCapability:
 
     @classmethod
     def parse(cls, text: str) -> "ComputeCapability":
-        """>>> ComputeCapability.parse("12.1")
+        """Parse ``MAJOR.MINOR``.
+
+        >>> ComputeCapability.parse("12.1")
         ComputeCapability(major=12, minor=1)
         """
         m = re.fullmatch(r"\s*(\d{1,2})\.(\d)\s*", str(text))
@@ -84,6 +86,8 @@ class CudaArch:
             major, mnr = int(num[:-1]), int(num[-1])
         else:
             raise UsageError(f"unknown CUDA arch {text!r}: write it like 12.1a, 121a or sm_121a")
+        if not 5 <= major <= 13:  # "12" would otherwise read as 1.2 and "1200" as 120.0
+            raise UsageError(f"unknown CUDA arch {text!r}: expected 5.0 .. 13.x, written like 12.1a or 121a")
         return cls(major, mnr, m.group("suffix"))
 
     @property

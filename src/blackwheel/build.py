@@ -1,0 +1,410 @@
+"""Build: one recipe, one stack, one target -> a verified wheel in the wheelhouse.
+
+Order of work, cheapest refusal first:
+ 1. toolchain checks (CUDA 13, host compiler, torch == the stack's)   -- before any fetch
+ 2. build key from every input; an intact wheel with that key is reused
+ 3. fetch (hash-verified), extract, place resources, apply patches; stack pins checked
+ 4. the package's own build, offline, with planned jobs and live progress
+ 5. retag (local version ``+cu130.sm121``), verify the CUDA code, place atomically with a manifest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import toolchain as tc_mod
+from .errors import BuildFailed, StackMismatch, UsageError
+from .fsutil import sha256_file
+from .patch import apply_series
+from .progress import run_logged
+from .recipe import PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, stack_disagreements
+from .sources import Fetcher, safe_extract
+from .targets import DEFAULT_TARGET, Target, resolve_target
+from .wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
+
+BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    recipe: Recipe
+    stack: Stack
+    target: Target
+    python: str = sys.executable
+    wheelhouse: Path = field(default_factory=default_root)
+    workdir: Path = PROJECT_ROOT / "build"
+    fetcher: Fetcher = field(default_factory=Fetcher.from_env)
+    jobs: int | None = None
+    force: bool = False
+    live: bool | None = None
+
+    @property
+    def version(self):
+        return self.recipe.version(self.stack.pins[self.recipe.name])
+
+
+@dataclass
+class BuildOutcome:
+    wheel: Path
+    manifest: dict
+    reused: bool
+
+
+# ---- the build key -------------------------------------------------------------------------------
+def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
+    rv = req.version
+    archs = req.recipe.arch.archs_for(req.target)
+    return {
+        "builder": BUILDER_VERSION,
+        "recipe": sha256_file(req.recipe.path),
+        "package": req.recipe.name, "version": rv.version,
+        "sources": [s.to_dict() for s in (rv.sdist, *rv.resources_for(req.target, req.stack.torch))],
+        "patches": [sha256_file(p.file) for p in rv.patches_for(req.target, req.stack.torch)],
+        "target": req.target.name, "archs": [a.dotted for a in archs],
+        "env": req.recipe.env, "toolchain": toolchain.identity(),
+    }
+
+
+def build_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+# ---- preparing the tree --------------------------------------------------------------------------
+@dataclass
+class PreparedTree:
+    tree: Path
+    patches: list[dict]
+    resource_env: dict[str, str]
+
+
+def prepare_tree(req: BuildRequest, dest: Path, patches: bool = True) -> PreparedTree:
+    """Fetched, verified, extracted, resources placed, patched; pins checked against the sdist.
+
+    ``patches=False`` gives upstream as a user would build it (the #1969 reproduction)."""
+    rv = req.version
+    if dest.exists():
+        shutil.rmtree(dest)
+    tree = safe_extract(req.fetcher.fetch(rv.sdist), dest)
+    resource_env: dict[str, str] = {}
+    for res in rv.resources_for(req.target, req.stack.torch):
+        path = req.fetcher.fetch(res)
+        if res.dest:
+            shutil.copytree(path, tree / res.dest, symlinks=True, dirs_exist_ok=True)
+        if res.env:
+            resource_env[res.env] = str(path)
+    applied = apply_series(rv.patches_for(req.target, req.stack.torch), tree) if patches else []
+    problems = stack_disagreements(req.stack, req.recipe, tree)
+    if problems:
+        raise StackMismatch(f"stack {req.stack.name}: {'; '.join(problems)}")
+    return PreparedTree(tree, applied, resource_env)
+
+
+# ---- environment ---------------------------------------------------------------------------------
+def job_plan(req: BuildRequest):
+    from .jobs import machine_resources, plan_jobs
+
+    cores, avail = machine_resources()
+    unit_gib = float(req.recipe.expect.get("unit-memory-gib", 2.0))
+    archs = req.recipe.arch.archs_for(req.target)
+    plan = plan_jobs(cores, avail, int(unit_gib * 2**30), arch_count=len(archs))
+    if req.jobs:
+        from dataclasses import replace
+
+        plan = replace(plan, jobs=req.jobs, reason=f"--jobs {req.jobs} given")
+    return plan
+
+
+def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: PreparedTree,
+                      plan) -> dict[str, str]:
+    env = tc_mod.build_env(toolchain)
+    env.update(req.recipe.env)
+    env.update(prepared.resource_env)
+    env[req.recipe.arch.knob] = req.recipe.arch.value_for(req.target)
+    env.update(plan.env_for(req.recipe.jobs_style))
+    # no network after fetch: pip may not look at an index, and nothing may prompt
+    env.update({"PIP_NO_INDEX": "1", "PIP_NO_INPUT": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+# ---- the package's own build -----------------------------------------------------------------------
+def run_pip_wheel(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
+    cmd = [req.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+           "-v", "-w", str(out), str(tree)]
+    label = f"{req.recipe.name} {req.version.version} [{req.target.name}]"
+    return run_logged(cmd, tree, env, log, label, req.recipe.expect.get("compile-units"), req.live)
+
+
+BUILDERS = {"pip-wheel": run_pip_wheel}
+
+
+def _single_wheel(out: Path, recipe: Recipe) -> Path:
+    found = sorted(out.glob("*.whl"))
+    if len(found) != 1:
+        raise BuildFailed(f"{recipe.name}: expected one wheel from the build, found {len(found)}")
+    return found[0]
+
+
+def check_expected_libraries(wheel: Path, recipe: Recipe) -> None:
+    """Every ``expect.cuda-libraries`` glob must match a member of the wheel."""
+    import fnmatch
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = [Path(n).name for n in zf.namelist()]
+    for pattern in recipe.expect.get("cuda-libraries", []):
+        if not fnmatch.filter(names, pattern):
+            raise BuildFailed(f"{recipe.name}: the wheel has no {pattern}: the CUDA extension was not built")
+
+
+def verify_built(wheel: Path, req: BuildRequest) -> dict:
+    from .verify import verify_wheel
+
+    required = _required_cubins(req.recipe, req.target)
+    report = verify_wheel(wheel, req.target, required or None)
+    report.raise_for_failure()
+    return report.to_dict()
+
+
+def _required_cubins(recipe: Recipe, target: Target) -> dict:
+    from .targets import parse_arch_list
+
+    out = {}
+    for glob, per_target in recipe.expect.get("required-cubins", {}).items():
+        if target.name in per_target:
+            out[glob] = list(parse_arch_list(per_target[target.name]))
+    return out
+
+
+# ---- longest first, and the unit times that drive it -------------------------------------------------
+def profile_path(recipe: Recipe, version: str) -> Path:
+    """Recorded per-unit compile times: ``recipes/profiles/<package>-<version>.json``."""
+    return recipe.path.parent / "profiles" / f"{recipe.name}-{version}.json"
+
+
+def longest_first_env(req: BuildRequest, env: dict[str, str], work: Path) -> dict[str, str]:
+    """Put the ninja shim first on PATH: it reorders build.ninja slowest-first and keeps the log."""
+    from .ninja import SHIM_LOGS_ENV, SHIM_TIMES_ENV, write_ninja_shim
+
+    real = shutil.which("ninja", path=env["PATH"])
+    if real is None:
+        return env
+    shim = write_ninja_shim(work / "shim", real).parent
+    env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", SHIM_LOGS_ENV: str(work / "ninja-logs")}
+    recorded = profile_path(req.recipe, req.version.version)
+    if recorded.is_file():
+        times = json.loads(recorded.read_text()).get("units", {})
+        (work / "unit-times.json").write_text(json.dumps(times))
+        env[SHIM_TIMES_ENV] = str(work / "unit-times.json")
+    return env
+
+
+def record_unit_times(req: BuildRequest, work: Path) -> dict[str, float]:
+    """Unit times of this build, from the ninja logs the shim kept."""
+    from .ninja import read_ninja_log, unit_key
+
+    times: dict[str, float] = {}
+    for log in sorted((work / "ninja-logs").glob("*.ninja_log")):
+        tmp = work / "ninja-read"
+        tmp.mkdir(exist_ok=True)
+        shutil.copyfile(log, tmp / ".ninja_log")
+        times.update({unit_key(k): v for k, v in read_ninja_log(tmp).items()})
+    return times
+
+
+def _profile(unit_times: dict[str, float], result, plan) -> dict | None:
+    from .jobs import machine_resources
+    from .ninja import build_profile
+
+    if not unit_times:
+        return None
+    cores = machine_resources()[0]
+    prof = build_profile(unit_times, result.wall_s, cores, result.peak_mem_bytes, None)
+    prof["unit_times"] = {k: round(v, 1) for k, v in sorted(unit_times.items())}
+    return prof
+
+
+def build_package(req: BuildRequest) -> BuildOutcome:
+    rv = req.version
+    toolchain = tc_mod.probe(req.python)
+    tc_mod.check(toolchain, req.stack.torch, rv.gcc, req.recipe.name)
+    inputs = build_inputs(req, toolchain)
+    key = build_key(inputs)
+    if not req.force:
+        reused = find_reusable(req.wheelhouse, req.stack.name, req.target.name, req.recipe.name, key)
+        if reused:
+            wheel = req.wheelhouse / req.stack.name / req.target.name / reused["wheel"]
+            print(f"reused {wheel.name} (build key {key[:12]}: identical inputs)", file=sys.stderr)
+            return BuildOutcome(wheel, reused, True)
+    work = req.workdir / f"{req.recipe.name}-{key[:12]}"
+    started = time.time()
+    prepared = prepare_tree(req, work / "src")
+    plan = job_plan(req)
+    env = build_environment(req, toolchain, prepared, plan)
+    print(f"building {req.recipe.name} {rv.version} for {req.target.name} "
+          f"({req.recipe.arch.knob}={env[req.recipe.arch.knob]}); jobs: {plan.reason}", file=sys.stderr)
+    out = work / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = req.workdir / "logs" / f"{req.recipe.name}-{key[:12]}.log"
+    env = longest_first_env(req, env, work)
+    result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)
+    unit_times = record_unit_times(req, work)
+    if result.returncode != 0:
+        raise BuildFailed(f"{req.recipe.name} build failed: {result.first_error or 'see the log'} "
+                          f"(log: {log})")
+    raw = _single_wheel(out, req.recipe)
+    check_expected_libraries(raw, req.recipe)
+    wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag), out)
+    verdict = verify_built(wheel, req)
+    manifest = {
+        "package": req.recipe.name, "dist_name": req.recipe.dist_name,
+        "version": wheel.name.split("-")[1], "stack": req.stack.name,
+        "target": req.target.name, "target_devices": [str(cc) for cc in req.target.devices],
+        "build_key": key, "inputs": inputs,
+        "sources": inputs["sources"], "patches": prepared.patches, "toolchain": toolchain.to_dict(),
+        "arch": {"knob": req.recipe.arch.knob, "value": env[req.recipe.arch.knob],
+                 "archs": inputs["archs"]},
+        "env": {k: env[k] for k in sorted(req.recipe.env)},
+        "build": {"wall_s": round(result.wall_s, 1), "peak_mem_gib": round(result.peak_mem_bytes / 2**30, 2),
+                  "jobs": plan.jobs, "nvcc_threads": plan.nvcc_threads, "jobs_reason": plan.reason,
+                  "units": result.units_total, "log": str(log), "started": started,
+                  "profile": _profile(unit_times, result, plan)},
+        "verify": verdict,
+    }
+    final = place(wheel, manifest, req.wheelhouse, req.stack.name, req.target.name)
+    print(f"built {final} in {result.wall_s:.0f}s, peak {result.peak_mem_bytes / 2**30:.1f} GiB", file=sys.stderr)
+    from .wheelhouse import read_manifest
+
+    return BuildOutcome(final, read_manifest(final), False)
+
+
+# ---- plan: the generated build file, nothing compiled ------------------------------------------------
+_PLAN_NINJA = """#!/bin/sh
+# blackwheel plan: keep the generated build file, compile nothing
+case "$1" in --version) exec {real} --version ;; esac
+cp build.ninja "$BLACKWHEEL_PLAN_OUT" && exit 97
+"""
+
+
+def generate_build_file(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
+    """Run the package's build with a ninja stand-in that keeps build.ninja and compiles nothing.
+
+    Returns (build file text or None, RunResult); the real build tree is left in ``tree``."""
+    shim = log.parent / "shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    real = shutil.which("ninja", path=env["PATH"]) or "ninja"
+    (shim / "ninja").write_text(_PLAN_NINJA.format(real=real))
+    (shim / "ninja").chmod(stat.S_IRWXU)
+    env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", "BLACKWHEEL_PLAN_OUT": str(out)}
+    out.unlink(missing_ok=True)
+    result = run_pip_wheel(req, tree, env, log.parent / "dist", log)
+    return (out.read_text() if out.is_file() else None), result
+
+
+def gencode_flags(build_file: str) -> list[str]:
+    """The distinct ``-gencode`` flags of a torch-extension build.ninja."""
+    import re
+
+    return sorted(set(m.replace("=", " ", 1) if m.startswith("-gencode=") else m
+                      for m in re.findall(r"-gencode[= ]arch=\S+", build_file)))
+
+
+def plan_package(req: BuildRequest, out: Path) -> dict:
+    """Fetch, patch and let the package generate its build file; return its arch flags."""
+    import re
+
+    toolchain = tc_mod.probe(req.python)
+    tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
+    work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))
+    prepared = prepare_tree(req, work / "src")
+    env = build_environment(req, toolchain, prepared, job_plan(req))
+    text, result = generate_build_file(req, prepared.tree, env, out, work / "plan.log")
+    if text is None:
+        raise BuildFailed(f"{req.recipe.name}: no build file was generated: "
+                          f"{result.first_error or 'see'} (log: {work / 'plan.log'})")
+    units = len(re.findall(r"^build \S+\.o: (?:cuda_)?compile ", text, re.MULTILINE))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"package": req.recipe.name, "target": req.target.name, "knob": req.recipe.arch.knob,
+            "value": env[req.recipe.arch.knob], "gencode": gencode_flags(text), "units": units,
+            "build_file": str(out)}
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def _common(p) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="gb10, sm120, blackwell, hopper, native")
+    p.add_argument("--stack", help="stack name (default: the default stack)")
+    p.add_argument("--python", default=sys.executable, help="the Python (with the stack's torch) to build with")
+    p.add_argument("--wheelhouse", type=Path, default=None)
+    p.add_argument("--offline", action="store_true", default=None, help="read sources only from cache/mirror")
+    p.add_argument("--mirror", help="local mirror folder for air-gapped hosts")
+    p.add_argument("--jobs", type=int, help="override the planned compile jobs")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="build one package of a stack for a target")
+    p.add_argument("package")
+    p.add_argument("--force", action="store_true", help="rebuild even if an identical wheel exists")
+    _common(p)
+    p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("build-all", help="build every package of a stack, in dependency order")
+    p.add_argument("--force", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_build_all)
+    p = sub.add_parser("plan", help="show the arch flags a build would use, compiling nothing")
+    p.add_argument("package")
+    p.add_argument("--out", type=Path, help="where to keep the generated build file")
+    _common(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def request_from_args(args, recipe: Recipe, stack: Stack) -> BuildRequest:
+    if recipe.name not in stack.pins:
+        raise UsageError(f"stack {stack.name} pins no version of {recipe.name}")
+    kwargs = {}
+    if args.wheelhouse:
+        kwargs["wheelhouse"] = args.wheelhouse
+    return BuildRequest(recipe=recipe, stack=stack, target=resolve_target(args.target), python=args.python,
+                        fetcher=Fetcher.from_env(args.offline, args.mirror), jobs=args.jobs,
+                        force=getattr(args, "force", False), **kwargs)
+
+
+def _cmd_build(args) -> int:
+    stack = load_stack(args.stack)
+    outcome = build_package(request_from_args(args, load_recipe(args.package), stack))
+    print(outcome.wheel)
+    return 0
+
+
+def _cmd_build_all(args) -> int:
+    stack = load_stack(args.stack)
+    target = resolve_target(args.target)          # refuse a bad target before any work
+    for recipe in stack.recipes():
+        outcome = build_package(request_from_args(args, recipe, stack))
+        print(f"{'reused' if outcome.reused else 'built'}  {outcome.wheel}")
+    del target
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    stack = load_stack(args.stack)
+    recipe = load_recipe(args.package)
+    req = request_from_args(args, recipe, stack)
+    out = args.out or (req.workdir / "plans" / f"{recipe.name}-{req.target.name}.ninja")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan = plan_package(req, out.resolve())
+    print(json.dumps(plan, indent=2))
+    return 0

@@ -1,0 +1,161 @@
+"""Run a build command with a log file, live progress and a peak-memory sampler.
+
+Progress is read from ninja's ``[done/total]`` lines; the terminal shows compile units done of
+total, elapsed time and an estimate. Everything the command prints goes to the log; on failure the
+first compiler error is pulled out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_NINJA = re.compile(r"^\[(\d+)/(\d+)\]\s")
+_ERROR = re.compile(r"(error:|error [A-Z]+\d+|fatal error|\berror\b: |Error compiling|FAILED: )")
+_NOISE = re.compile(r"warning|deprecated|^\s*$")
+
+
+def _mem_used_bytes() -> int | None:
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"] - info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class MemorySampler(threading.Thread):
+    """Peak of (memory in use on the machine) minus what was in use when the build started."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.baseline = _mem_used_bytes() or 0
+        self.peak = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            used = _mem_used_bytes()
+            if used is not None:
+                self.peak = max(self.peak, used - self.baseline)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join(timeout=2)
+        return self.peak
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    wall_s: float
+    peak_mem_bytes: int
+    units_done: int
+    units_total: int
+    log: Path
+    first_error: str | None = None
+    unit_lines: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """Terminal progress: a rich bar on a TTY, a line every 30 s (or 10% of units) otherwise."""
+
+    def __init__(self, label: str, expected_units: int | None, live: bool | None = None):
+        self.label = label
+        self.total = expected_units or 0
+        self.done = 0
+        self.start = time.monotonic()
+        self.live = sys.stderr.isatty() if live is None else live
+        self._last_print = 0.0
+        self._bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self._task = self._bar.add_task(label, total=self.total or None)
+            self._bar.start()
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+            return
+        now = time.monotonic()
+        step = max(1, total // 10)
+        if now - self._last_print >= 30 or done == total or done % step == 0:
+            self._last_print = now
+            print(f"  {self.label}: {done}/{total} units, {self.eta_text()}", file=sys.stderr, flush=True)
+
+    def eta_text(self) -> str:
+        elapsed = time.monotonic() - self.start
+        if not self.done or not self.total:
+            return f"{elapsed:.0f}s elapsed"
+        remaining = elapsed / self.done * (self.total - self.done)
+        return f"{elapsed:.0f}s elapsed, ~{remaining:.0f}s left"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def first_error(log: Path) -> str | None:
+    """The first compiler error line in the log, with the line after it for context."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for i, line in enumerate(lines):
+        if _ERROR.search(line) and not _NOISE.search(line.lower().replace("error", "", 0)):
+            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return (line.strip() + (f" | {nxt}" if nxt and len(nxt) < 200 else ""))[:600]
+    return None
+
+
+def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label: str,
+               expected_units: int | None = None, live: bool | None = None) -> RunResult:
+    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(label, expected_units, live)
+    sampler = MemorySampler()
+    sampler.start()
+    start = time.monotonic()
+    units: list[str] = []
+    with open(log, "w", encoding="utf-8") as out:
+        out.write(f"$ cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1, start_new_session=True)
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()   # the log is what a user tails while the build runs
+                m = _NINJA.match(line)
+                if m:
+                    units.append(line)
+                    progress.update(int(m.group(1)), int(m.group(2)))
+            rc = proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise
+        finally:
+            progress.close()
+    wall = time.monotonic() - start
+    peak = sampler.stop()
+    result = RunResult(rc, wall, peak, progress.done, progress.total, log, unit_lines=units)
+    if rc != 0:
+        result.first_error = first_error(log)
+    return result
