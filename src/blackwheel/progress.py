@@ -17,9 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_NINJA = re.compile(r"^\[(\d+)/(\d+)\]\s")
-_ERROR = re.compile(r"(error:|error [A-Z]+\d+|fatal error|\berror\b: |Error compiling|FAILED: )")
-_NOISE = re.compile(r"warning|deprecated|^\s*$")
+from .errors import BuildFailed
+
+_NINJA = re.compile(r"^\s*\[(\d+)/(\d+)\]\s")  # pip indents the backend output
+# a compiler's (gcc, nvcc "error #20-D:", MSVC-style "error C2065") or CMake's own diagnostic
+_ERROR = re.compile(r"(\berror( #[\w-]+)?:|\berror [A-Z]+\d+|fatal error|CMake Error|Error compiling)", re.I)
+_WARNING = re.compile(r"\bwarning( #[\w-]+)?:", re.I)   # "error" inside a warning is not an error
+_FAILED = re.compile(r"^FAILED: ")                          # ninja's line: names the unit, not the error
 
 
 def _mem_used_bytes() -> int | None:
@@ -112,15 +116,19 @@ class Progress:
 
 
 def first_error(log: Path) -> str | None:
-    """The first compiler error line in the log, with the line after it for context."""
+    """The first compiler error line in the log, with the line after it for context.
+
+    Ninja prints ``FAILED: <unit>`` before the compiler's message: that line is the fallback only.
+    """
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    for i, line in enumerate(lines):
-        if _ERROR.search(line) and not _NOISE.search(line.lower().replace("error", "", 0)):
-            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return (line.strip() + (f" | {nxt}" if nxt and len(nxt) < 200 else ""))[:600]
+    for wanted in (lambda ln: _ERROR.search(ln) and not _WARNING.search(ln), _FAILED.match):
+        for i, line in enumerate(lines):
+            if wanted(line) and not line.startswith("$ cd "):   # run_logged's echo of the command
+                nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+                return (line.strip() + (f" | {nxt}" if nxt and len(nxt) < 200 else ""))[:600]
     return None
 
 
@@ -136,8 +144,13 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label:
     with open(log, "w", encoding="utf-8") as out:
         out.write(f"$ cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", bufsize=1, start_new_session=True)
+        except OSError as exc:  # no such program, or cwd gone: the user's problem, in one line
+            progress.close()
+            sampler.stop()
+            raise BuildFailed(f"{label}: cannot run {cmd[0]}: {exc.strerror or exc} (log: {log})") from None
         try:
             for line in proc.stdout:
                 out.write(line)
@@ -150,6 +163,7 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label:
         except BaseException:
             os.killpg(proc.pid, 9)
             proc.wait()
+            sampler.stop()
             raise
         finally:
             progress.close()

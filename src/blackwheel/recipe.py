@@ -152,8 +152,10 @@ def _source_from_toml(d: dict, name: str, role: str, where: str) -> Source:
         commit = d.get("commit", "")
         if len(commit) != GIT_COMMIT_LEN or any(c not in "0123456789abcdef" for c in commit):
             raise RecipeError(f"{where}: git source {name!r} needs a full 40-hex commit, got {commit!r}")
+        subs = d.get("submodules", False)  # false, true (all recorded) or a list of paths
         src = Source(name=name, kind="git", url=d["git"], commit=commit, sha256=d.get("sha256", ""),
-                     submodules=bool(d.get("submodules", False)), role=role, env=d.get("env"),
+                     submodules=bool(subs), submodule_paths=tuple(subs) if isinstance(subs, list) else (),
+                     role=role, env=d.get("env"),
                      dest=d.get("dest"), defined_in=d.get("defined-in"), when=when)
     elif "url" in d:
         src = Source(name=name, kind="url", url=d["url"], sha256=d.get("sha256", ""), role=role,

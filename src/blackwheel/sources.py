@@ -60,6 +60,7 @@ class Source:
     url: str | None = None         # repository URL (git) or archive URL (url)
     commit: str | None = None      # full commit id (git)
     submodules: bool = False       # git: check out submodules at their recorded commits
+    submodule_paths: tuple[str, ...] = ()  # git: only these submodules (empty: all, when submodules)
     role: str = "sdist"            # "sdist" | "resource"
     env: str | None = None         # resource: the variable that points the build at it
     dest: str | None = None        # resource: a path inside the main tree to place it at instead
@@ -171,7 +172,8 @@ class Fetcher:
 
     def _cached_archive(self, sha: str) -> Path | None:
         folder = self.cache / "sources" / "sha256" / sha
-        files = sorted(folder.glob("*")) if folder.is_dir() else []
+        # dot files are copies in progress (or left by an interrupted one), never the archive
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
         return files[0] if files else None
 
     def _store_archive(self, path: Path, src: Source, filename: str) -> Path:
@@ -193,10 +195,8 @@ class Fetcher:
         if src.kind == "url":
             cand = folder / Path(urllib.parse.urlparse(src.url).path).name
             return cand if cand.is_file() else None
-        prefix = canonicalize_name(src.pypi).replace("-", "_")
-        for cand in sorted(folder.iterdir()):
-            if canonicalize_name(cand.name.split(f"-{src.version}")[0]).replace("-", "_") == prefix \
-                    and f"-{src.version}." in cand.name:
+        for cand in sorted(folder.iterdir()):  # exactly name-version: 1.0 must not pick 1.0.post1
+            if cand.is_file() and _is_sdist_of(cand.name, src.pypi, src.version):
                 return cand
         return None
 
@@ -282,7 +282,8 @@ def _git_checkout(src: Source, tree: Path, mirror: Path | None) -> None:
     _run_git([*cfg, "fetch", "-q", "--depth", "1", src.url, src.commit], tree)
     _run_git([*cfg, "checkout", "-q", "FETCH_HEAD"], tree)
     if src.submodules:
-        _run_git([*cfg, "submodule", "update", "-q", "--init", "--recursive", "--depth", "1"], tree)
+        only = ["--", *src.submodule_paths] if src.submodule_paths else []
+        _run_git([*cfg, "submodule", "update", "-q", "--init", "--recursive", "--depth", "1", *only], tree)
 
 
 # ---- the package index (pip's own configuration; no host is written here) -------------------------
@@ -320,6 +321,8 @@ class _Links(HTMLParser):
 def list_index_files(index_url: str, project: str) -> list[tuple[str, str, dict]]:
     """(filename, absolute url, hashes) of a project on a PEP 691 (JSON) or PEP 503 (HTML) index."""
     page = index_url.rstrip("/") + f"/{canonicalize_name(project)}/"
+    if page.startswith("file:") and Path(urllib.request.url2pathname(urllib.parse.urlparse(page).path)).is_dir():
+        page += "index.html"  # a PEP 503 tree on disk, as pip reads it (urllib cannot open a folder)
     req = urllib.request.Request(page, headers={
         "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
     try:
@@ -370,6 +373,8 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     try:
         if name.endswith((".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")):
             with tarfile.open(archive) as tar:
+                for member in tar.getmembers():  # the data filter would strip a leading '/': refuse it
+                    _check_member_path(member.name, archive)
                 tar.extractall(dest, filter="data")  # rejects absolute, '..', outside links, devices
         elif name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:

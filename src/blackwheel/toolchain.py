@@ -25,7 +25,7 @@ from packaging.version import Version
 from .errors import ToolchainError
 
 REQUIRED_CUDA_MAJOR = 13
-_EXEC_LINE = re.compile(r"^\s*exec\s+(?P<path>\S*nvcc)\b", re.MULTILINE)
+_EXEC_LINE = re.compile(r"""^\s*exec\s+["']?(?P<path>[^\s"']*nvcc)\b""", re.MULTILINE)
 
 
 def resolve_nvcc(path: Path, depth: int = 0) -> Path:
@@ -52,13 +52,24 @@ def find_cuda_home(env: dict | None = None) -> tuple[Path, str]:
     on_path = shutil.which("nvcc", path=env.get("PATH"))
     if on_path:
         real = resolve_nvcc(Path(on_path))
-        if real.parent.name == "bin":
+        # a wrapper script we could not follow is not a toolkit: its folder's parent has no CUDA
+        if real.parent.name == "bin" and not _is_unfollowed_wrapper(real):
             how = "nvcc on PATH" + (f" (wrapper {on_path} -> {real})" if real != Path(on_path) else "")
             return real.parent.parent, how
     default = Path("/usr/local/cuda")
     if (default / "bin" / "nvcc").exists():
         return default, "/usr/local/cuda"
     raise ToolchainError("no nvcc found: install the CUDA 13 toolkit or set CUDA_HOME")
+
+
+def _is_unfollowed_wrapper(path: Path) -> bool:
+    """A script that still execs some other nvcc (``exec ccache /x/nvcc``, ``exec "$CUDA/bin/nvcc"``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and re.search(rb"(?m)^\s*exec\b.*nvcc", head) is not None
 
 
 def nvcc_version(cuda_home: Path) -> str:

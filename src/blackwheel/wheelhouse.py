@@ -8,16 +8,20 @@ a wheel that is visible always has its manifest, and an interrupted build leaves
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import json
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
+from .errors import BuildFailed
 from .fsutil import _temp_beside, atomic_write_json, sha256_file
 
 MANIFEST_SCHEMA = "blackwheel.manifest/1"
@@ -48,6 +52,8 @@ def find_reusable(root: Path, stack: str, target: str, package: str, build_key: 
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not isinstance(manifest, dict) or not manifest.get("wheel"):
+            continue
         if manifest.get("build_key") != build_key or manifest.get("package") != package:
             continue
         wheel = where / manifest["wheel"]
@@ -62,37 +68,59 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest}"
 
 
+def _dist_info_dir(zin: zipfile.ZipFile, wheel: Path) -> str:
+    """The wheel's one ``*.dist-info`` folder, as spelled inside it (the file name may differ in case)."""
+    dirs = {n.split("/", 1)[0] for n in zin.namelist() if n.split("/", 1)[0].endswith(".dist-info")
+            and n.endswith("/METADATA") and n.count("/") == 1}
+    if len(dirs) != 1:
+        raise BuildFailed(f"{wheel.name}: expected one .dist-info folder with METADATA, found {sorted(dirs)}")
+    return dirs.pop()
+
+
 def retag_wheel(wheel: Path, local: str, out_dir: Path) -> Path:
-    """Rewrite ``wheel`` with version ``<public>+<local>`` (dist-info, METADATA, RECORD)."""
+    """Rewrite ``wheel`` with version ``<public>+<local>`` (dist-info, .data, METADATA, RECORD)."""
     name, version, build, tags = parse_wheel_filename(wheel.name)
-    public = Version(str(version)).public
-    new_version = f"{public}+{local}"
+    new_version = f"{Version(str(version)).public}+{local}"
     dist = wheel.name.split("-")[0]
-    old_info, new_info = f"{dist}-{version}.dist-info", f"{dist}-{new_version}.dist-info"
     new_name = wheel.name.replace(f"{dist}-{version}-", f"{dist}-{new_version}-", 1)
     dest = out_dir / new_name
     fd, tmp = _temp_beside(dest)
     os.close(fd)
-    records: list[str] = []
-    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            arc = info.filename
-            if arc.startswith(old_info + "/"):
-                arc = new_info + arc[len(old_info):]
-                if arc.endswith("/RECORD"):
-                    continue
-                if arc.endswith("/METADATA"):
-                    data = re.sub(rb"(?m)^Version: .*$", f"Version: {new_version}".encode(), data, count=1)
-            zi = zipfile.ZipInfo(arc, date_time=info.date_time)
-            zi.external_attr, zi.compress_type = info.external_attr, zipfile.ZIP_DEFLATED
-            zout.writestr(zi, data)
-            records.append(f"{arc},{_record_hash(data)},{len(data)}")
-        records.append(f"{new_info}/RECORD,,")
-        zout.writestr(zipfile.ZipInfo(f"{new_info}/RECORD", date_time=(1980, 1, 1, 0, 0, 0)),
-                      "\n".join(records) + "\n")
-    os.replace(tmp, dest)
+    try:
+        with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+            old_stem = _dist_info_dir(zin, wheel)[: -len(".dist-info")]
+            new_stem = f"{old_stem.rsplit('-', 1)[0]}-{new_version}"
+            _rewrite_members(zin, zout, old_stem, new_stem, new_version)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return dest
+
+
+def _rewrite_members(zin: zipfile.ZipFile, zout: zipfile.ZipFile, old_stem: str, new_stem: str,
+                     new_version: str) -> None:
+    """Copy every member, renaming ``<old_stem>.dist-info/`` and ``.data/``; write a fresh RECORD."""
+    records = io.StringIO()
+    writer = csv.writer(records, lineterminator="\n")   # csv: a path may hold a comma
+    new_info = f"{new_stem}.dist-info"
+    for info in zin.infolist():
+        arc = info.filename
+        for suffix in (".dist-info/", ".data/"):
+            if arc.startswith(old_stem + suffix):
+                arc = new_stem + arc[len(old_stem):]
+        if arc in (f"{new_info}/RECORD", f"{new_info}/RECORD.jws", f"{new_info}/RECORD.p7s"):
+            continue                                      # rewritten below; signatures no longer hold
+        data = zin.read(info)
+        if arc == f"{new_info}/METADATA":
+            data = re.sub(rb"(?m)^Version: .*$", f"Version: {new_version}".encode(), data, count=1)
+        zi = zipfile.ZipInfo(arc, date_time=info.date_time)
+        zi.external_attr, zi.compress_type = info.external_attr, zipfile.ZIP_DEFLATED
+        zout.writestr(zi, data)
+        if not arc.endswith("/"):                         # folders have no RECORD line
+            writer.writerow([arc, _record_hash(data), len(data)])
+    writer.writerow([f"{new_info}/RECORD", "", ""])
+    zout.writestr(zipfile.ZipInfo(f"{new_info}/RECORD", date_time=(1980, 1, 1, 0, 0, 0)), records.getvalue())
 
 
 # ---- placing -------------------------------------------------------------------------------------
@@ -104,8 +132,7 @@ def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> P
     fd, tmp = _temp_beside(final)
     os.close(fd)
     try:
-        with open(wheel, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
+        shutil.copyfile(wheel, tmp)   # streamed: a jit-cache wheel is ~2 GB
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "wheel": wheel.name,
                     "wheel_sha256": sha256_file(tmp), "wheel_size": os.path.getsize(tmp)}
         atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), manifest)
