@@ -54,14 +54,14 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
-@nox.session
+@nox.session(default=False)
 def build(session: nox.Session) -> None:
     """Build one package: nox -s build -- PACKAGE [--target T] [--stack S] [--use-current-env]."""
     _build_venv(session)
     _blackwheel(session, "build", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def build_all(session: nox.Session) -> None:
     """Build every package of the stack for the target, verify, and (with --publish) publish."""
     _build_venv(session)
@@ -71,77 +71,85 @@ def build_all(session: nox.Session) -> None:
         _blackwheel(session, "publish", *[a for a in args if a == "--use-current-env"])
 
 
-@nox.session
+@nox.session(default=False)
 def plan(session: nox.Session) -> None:
     """The arch flags a build would use, compiling nothing: nox -s plan -- PACKAGE --target T."""
     _build_venv(session)
     _blackwheel(session, "plan", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def fetch(session: nox.Session) -> None:
     """Fetch and hash-check every source of the stack (--offline --mirror DIR for air-gapped hosts)."""
     session.install("-e", ".")
     session.run("blackwheel", "fetch", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def patches(session: nox.Session) -> None:
     """Check that every patch of every stack applies to its pinned source."""
     session.install("-e", ".")
     session.run("blackwheel", "patches", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def doctor(session: nox.Session) -> None:
     """Report this machine (GPU, driver, CUDA, compiler, torch, installed kernels) and pitfalls."""
     _blackwheel(session, "doctor", "--use-current-env", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def repro_1969(session: nox.Session) -> None:
     """Reproduce flash-attention issue #1969 (sm_121 silently dropped) and prove our patch fixes it."""
     _build_venv(session)
     _blackwheel(session, "repro-1969", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def publish(session: nox.Session) -> None:
     """Write the static index under wheelhouse/index/, or upload with --to URL (credentials from env)."""
     session.install("-e", ".[publish]")
     session.run("blackwheel", "publish", *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def smoke_install(session: nox.Session) -> None:
     """Install the stack from the index into a fresh venv and import each package."""
     session.install("-e", ".")
-    session.run("python", "-m", "blackwheel.index", "smoke-install", *session.posargs)
+    session.run("blackwheel", "smoke-install", *session.posargs)
 
 
-@nox.session
+def _option(args: list[str], name: str, default: str | None = None) -> str | None:
+    return args[args.index(name) + 1] if name in args else default
+
+
+@nox.session(default=False)
 def test_kernels(session: nox.Session) -> None:
-    """Kernel correctness on the GPU: install the wheelhouse's wheels and run tests/gpu."""
-    if "--use-current-env" in session.posargs:
-        args = [a for a in session.posargs if a != "--use-current-env"]
-        session.run(sys.executable, "-m", "pytest", "tests/gpu", *args, external=True, env={"PYTHONPATH": SRC})
-        return
-    _build_venv(session)
-    session.install("pytest")
-    session.run("python", "-m", "blackwheel.gpu_install", *session.posargs)
-    session.run("pytest", "tests/gpu")
+    """Kernel correctness on the GPU: the wheelhouse's wheels in a fresh venv, then tests/gpu."""
+    args = list(session.posargs)
+    current = "--use-current-env" in args
+    stack, target = _option(args, "--stack"), _option(args, "--target", "native")
+    rest = [a for i, a in enumerate(args) if a != "--use-current-env" and a not in ("--stack", "--target")
+            and (i == 0 or args[i - 1] not in ("--stack", "--target"))]
+    python = sys.executable if current else "python"
+    if not current:
+        _build_venv(session)
+        session.install("pytest")
+        wheels = sorted((ROOT / "wheelhouse").glob(f"{stack or '*'}/{target if target != 'native' else '*'}/*.whl"))
+        if not wheels:
+            session.error(f"no wheels in wheelhouse/ for stack {stack or 'any'}, target {target}: build first")
+        session.install("--no-deps", *map(str, wheels))
+    visible = session.run(python, "-c", "import torch; print(torch.cuda.is_available())", silent=True,
+                          external=current)
+    if "True" not in str(visible):
+        session.skip("no CUDA GPU visible: the kernel tests need one (tests/gpu skips too)")
+    session.run(python, "-m", "pytest", "tests/gpu", *rest, external=current, env={"PYTHONPATH": SRC})
 
 
-@nox.session
+@nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Kernel throughput against this GPU's measured ceilings and torch references; writes a report."""
     _blackwheel_module(session, "blackwheel.bench", *session.posargs)
-
-
-@nox.session
-def bench_build(session: nox.Session) -> None:
-    """Build-speed benchmark: ours versus upstream's own command, same machine, same run."""
-    _blackwheel_module(session, "blackwheel.bench_build", *session.posargs)
 
 
 def _blackwheel_module(session: nox.Session, module: str, *args: str) -> None:

@@ -36,6 +36,7 @@ def bw_env(tmp_path, monkeypatch):
     """Point every blackwheel location at tmp_path; returns it."""
     monkeypatch.setenv("BLACKWHEEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("BLACKWHEEL_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    monkeypatch.setenv("BLACKWHEEL_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("CUDA_HOME", str(cuda_home() or "/usr/local/cuda"))
     monkeypatch.delenv("BLACKWHEEL_MIRROR", raising=False)
     monkeypatch.delenv("BLACKWHEEL_OFFLINE", raising=False)

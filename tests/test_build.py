@@ -63,6 +63,33 @@ def test_blackwell_build_end_to_end_then_reuse(project, bw_env, capsys):
     # identical inputs: reused, not rebuilt
     assert cli.main(["build", cuda_ext.NAME, "--target", "blackwell", "--stack", "test"]) == 0
     assert "reused" in capsys.readouterr().err
+    _publish_and_install(wheel, bw_env)
+
+
+def _publish_and_install(wheel: Path, where: Path) -> None:
+    """The pipeline's wheel through a real pypiserver into a fresh venv, and imported there."""
+    import subprocess
+
+    from blackwheel.publish import publish
+    from tests import indexserver
+
+    with indexserver.running_pypiserver(where / "srv", {"ci": "s3cret-ci"}) as srv:
+        report = publish([wheel], srv.url, environ={"TWINE_USERNAME": "ci", "TWINE_PASSWORD": "s3cret-ci"})
+        assert report.releases[0].uploaded
+        venv = where / "venv"
+        # the venv sees this Python's torch (a CUDA torch is gigabytes); bw-saxpy comes from the server
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                       check=True)
+        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+               "--no-input", "--index-url", srv.simple_url, f"{cuda_ext.NAME}==0.1.0+cu130.sm120.sm121"]
+        proc = subprocess.run(pip, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+                              "PIP_CONFIG_FILE": "/dev/null", "HOME": str(venv)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        probe = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import torch, bw_saxpy, os; print(os.path.dirname(bw_saxpy.__file__))"],
+                               capture_output=True, text=True, cwd=where)
+        assert probe.returncode == 0, probe.stderr
+        assert str(venv) in probe.stdout   # imported from the fresh venv, not from elsewhere
 
 
 def test_verify_fails_a_build_whose_flags_drop_an_arch(bw_env, monkeypatch):

@@ -190,3 +190,11 @@ def test_cli_doctor_runs_here(here, capsys, monkeypatch):
     d = json.loads(capsys.readouterr().out)
     blocking = [f for f in d["findings"] if f["severity"] == "blocking"]
     assert status == (1 if blocking else 0) and d["probe"]["machine"]
+
+
+def test_recorded_h100_test_machine_is_healthy():
+    """Probe recorded by `blackwheel doctor --json` on the GPU test machine (2026-11-25)."""
+    probe = machine("h100-recorded")
+    assert [str(cc) for cc in doctor.device_ccs(probe)] == ["9.0"]
+    assert len(doctor.parse_gpus(probe.nvidia_smi)) == 2
+    assert not [f for f in analyse(probe) if f.severity == "blocking"]

@@ -42,11 +42,13 @@ class BuildRequest:
     target: Target
     python: str = sys.executable
     wheelhouse: Path = field(default_factory=default_root)
-    workdir: Path = PROJECT_ROOT / "build"
+    workdir: Path = field(default_factory=lambda: Path(os.environ.get("BLACKWHEEL_WORKDIR",
+                                                                      PROJECT_ROOT / "build")))
     fetcher: Fetcher = field(default_factory=Fetcher.from_env)
     jobs: int | None = None
     force: bool = False
     live: bool | None = None
+    kernel_set: str | None = None   # FlashInfer: which AOT kernel set (recipe [kernel-sets])
 
     @property
     def version(self):
@@ -72,6 +74,7 @@ def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
         "patches": [sha256_file(p.file) for p in rv.patches_for(req.target, req.stack.torch)],
         "target": req.target.name, "archs": [a.dotted for a in archs],
         "env": req.recipe.env, "toolchain": toolchain.identity(),
+        **({"kernel_set": req.kernel_set or "default"} if req.recipe.builder == "flashinfer-aot" else {}),
     }
 
 
@@ -87,10 +90,10 @@ class PreparedTree:
     resource_env: dict[str, str]
 
 
-def prepare_tree(req: BuildRequest, dest: Path, patches: bool = True) -> PreparedTree:
+def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -> PreparedTree:
     """Fetched, verified, extracted, resources placed, patched; pins checked against the sdist.
 
-    ``patches=False`` gives upstream as a user would build it (the #1969 reproduction)."""
+    ``without`` names patch files left out: upstream as a user would build it (#1969 reproduction)."""
     rv = req.version
     if dest.exists():
         shutil.rmtree(dest)
@@ -102,7 +105,8 @@ def prepare_tree(req: BuildRequest, dest: Path, patches: bool = True) -> Prepare
             shutil.copytree(path, tree / res.dest, symlinks=True, dirs_exist_ok=True)
         if res.env:
             resource_env[res.env] = str(path)
-    applied = apply_series(rv.patches_for(req.target, req.stack.torch), tree) if patches else []
+    wanted = [p for p in rv.patches_for(req.target, req.stack.torch) if p.file.name not in without]
+    applied = apply_series(wanted, tree)
     problems = stack_disagreements(req.stack, req.recipe, tree)
     if problems:
         raise StackMismatch(f"stack {req.stack.name}: {'; '.join(problems)}")
@@ -144,7 +148,13 @@ def run_pip_wheel(req: BuildRequest, tree: Path, env: dict[str, str], out: Path,
     return run_logged(cmd, tree, env, log, label, req.recipe.expect.get("compile-units"), req.live)
 
 
-BUILDERS = {"pip-wheel": run_pip_wheel}
+def run_flashinfer_aot(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
+    from .flashinfer_aot import run_aot_builder
+
+    return run_aot_builder(req, tree, env, out, log)
+
+
+BUILDERS = {"pip-wheel": run_pip_wheel, "flashinfer-aot": run_flashinfer_aot}
 
 
 def _single_wheel(out: Path, recipe: Recipe) -> Path:
@@ -178,11 +188,9 @@ def verify_built(wheel: Path, req: BuildRequest) -> dict:
 def _required_cubins(recipe: Recipe, target: Target) -> dict:
     from .targets import parse_arch_list
 
-    out = {}
-    for glob, per_target in recipe.expect.get("required-cubins", {}).items():
-        if target.name in per_target:
-            out[glob] = list(parse_arch_list(per_target[target.name]))
-    return out
+    # [expect.cubins.<target>] "library glob" = ["12.1a", ...]: cubins a library must carry
+    per_target = recipe.expect.get("cubins", {}).get(target.name, {})
+    return {glob: list(parse_arch_list(archs)) for glob, archs in per_target.items()}
 
 
 # ---- longest first, and the unit times that drive it -------------------------------------------------
@@ -306,8 +314,8 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log = req.workdir / "logs" / f"{req.recipe.name}-{key[:12]}.log"
-    env = longest_first_env(req, env, work)
     env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan)
+    env = longest_first_env(req, env, work)      # last: the ninja stand-in must come first on PATH
     try:
         result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)
     finally:
@@ -335,6 +343,9 @@ def build_package(req: BuildRequest) -> BuildOutcome:
                   "cache": cache_stats, "profile": _profile(unit_times, result, plan, cache_stats)},
         "verify": verdict,
     }
+    aot = out / "flashinfer-aot.json"
+    if aot.is_file():   # the AOT modules and their arches (FlashInfer)
+        manifest["aot"] = json.loads(aot.read_text()).get("aot")
     final = place(wheel, manifest, req.wheelhouse, req.stack.name, req.target.name)
     print(f"built {final} in {result.wall_s:.0f}s, peak {result.peak_mem_bytes / 2**30:.1f} GiB", file=sys.stderr)
     from .wheelhouse import read_manifest
@@ -408,6 +419,8 @@ def _common(p) -> None:
     p.add_argument("--offline", action="store_true", default=None, help="read sources only from cache/mirror")
     p.add_argument("--mirror", help="local mirror folder for air-gapped hosts")
     p.add_argument("--jobs", type=int, help="override the planned compile jobs")
+    p.add_argument("--kernels", dest="kernel_set", help="FlashInfer AOT kernel set (core, decode, prefill, "
+                   "default, all); default: default")
 
 
 def register(sub) -> None:
@@ -435,7 +448,7 @@ def request_from_args(args, recipe: Recipe, stack: Stack) -> BuildRequest:
         kwargs["wheelhouse"] = args.wheelhouse
     return BuildRequest(recipe=recipe, stack=stack, target=resolve_target(args.target), python=args.python,
                         fetcher=Fetcher.from_env(args.offline, args.mirror), jobs=args.jobs,
-                        force=getattr(args, "force", False), **kwargs)
+                        force=getattr(args, "force", False), kernel_set=args.kernel_set, **kwargs)
 
 
 def _cmd_build(args) -> int:

@@ -27,6 +27,7 @@ COMMANDS = {
     "repro-1969": ("repro", "reproduce flash-attention issue #1969 and prove the fix"),
     "publish": ("index", "write the static index, or upload to an index server"),
     "provenance": ("index", "print where every byte of a wheel came from"),
+    "smoke-install": ("index", "install from an index into a fresh venv and import each package"),
     "report": ("gpu_report", "turn kernel test and bench results into JSON, Markdown and PNG"),
 }
 

@@ -341,6 +341,29 @@ def register(sub) -> None:
     q.add_argument("wheel", help="path to a .whl")
     q.add_argument("--wheelhouse", help="where to look for its manifest by sha256 (default as for publish)")
     q.set_defaults(func=_run_provenance)
+    r = sub.add_parser("smoke-install", help="install packages from an index into a fresh venv and import them")
+    r.add_argument("packages", nargs="*", help="requirements (default: every package of the stack's wheelhouse)")
+    r.add_argument("--index-url", required=True, help="the index to install from (file:// or http(s)://)")
+    r.add_argument("--extra-index-url", action="append", default=[], help="e.g. the PyTorch cu130 wheel index")
+    r.add_argument("--venv", type=Path, default=Path("build/smoke-venv"), help="where the fresh venv goes")
+    r.add_argument("--wheelhouse", help="folder of <stack>/<target>/*.whl, for the default package list")
+    r.set_defaults(func=_run_smoke_install)
+
+
+def _run_smoke_install(args) -> int:
+    import shutil
+
+    from .publish import smoke_install
+    from .wheelhouse import read_manifest, wheels
+
+    packages = args.packages or sorted({f"{m['dist_name']}=={m['version']}" for m in
+                                        map(read_manifest, wheels(Path(_wheelhouse(args))))})
+    if not packages:
+        raise PublishError("nothing to install: name packages, or build some into the wheelhouse first")
+    shutil.rmtree(args.venv, ignore_errors=True)
+    result = smoke_install(args.index_url, packages, args.venv, extra_index_urls=args.extra_index_url)
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def _run_provenance(args) -> int:
