@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# setuptools first: torch.utils.cpp_extension imports it, and its distutils shim fails once anything
+# has imported the standard library's distutils in this process.
+import setuptools  # noqa: F401
+
 import os
 import shutil
 import sys

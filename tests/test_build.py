@@ -77,9 +77,13 @@ def _publish_and_install(wheel: Path, where: Path) -> None:
         report = publish([wheel], srv.url, environ={"TWINE_USERNAME": "ci", "TWINE_PASSWORD": "s3cret-ci"})
         assert report.releases[0].uploaded
         venv = where / "venv"
-        # the venv sees this Python's torch (a CUDA torch is gigabytes); bw-saxpy comes from the server
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        # the fresh venv sees this Python's torch through a .pth (a CUDA torch is gigabytes);
+        # bw-saxpy itself must come from the server
+        import sysconfig
+
+        site = next((venv / "lib").glob("python*/site-packages"))
+        (site / "outer_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
                "--no-input", "--index-url", srv.simple_url, f"{cuda_ext.NAME}==0.1.0+cu130.sm120.sm121"]
         proc = subprocess.run(pip, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
