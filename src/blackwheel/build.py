@@ -460,11 +460,11 @@ def _cmd_build(args) -> int:
 
 def _cmd_build_all(args) -> int:
     stack = load_stack(args.stack)
-    target = resolve_target(args.target)          # refuse a bad target before any work
-    for recipe in stack.recipes():
-        outcome = build_package(request_from_args(args, recipe, stack))
+    # every request first: a bad target or recipe stops the run before the first compile
+    requests = [request_from_args(args, recipe, stack) for recipe in stack.recipes()]
+    for req in requests:
+        outcome = build_package(req)
         print(f"{'reused' if outcome.reused else 'built'}  {outcome.wheel}")
-    del target
     return 0
 
 

@@ -5,6 +5,7 @@
 # blackwheel needs beyond the machine's from .whl/. Results go to $OUT (or ./gpu-out).
 #   tools/gpu/session.sh start   # start the build in the background, follow it for up to 9 minutes
 #   tools/gpu/session.sh finish  # wait for the build, then test, bench, repro; collect results
+#   tools/gpu/session.sh repro   # only the #1969 reproduction, one diagnostic unit (~8 min on 16 cores)
 set -u
 cd "$(dirname "$0")/../.."
 RES=$PWD/gpu-out            # everything lands here; packed into $OUT/gpu-results.tgz at the end
@@ -45,5 +46,7 @@ finish)
   python3 -m blackwheel.cli report "$RES/bench/bench.json" --tests "$RES/gpu-tests.jsonl" --out "$RES/report" 2>&1 | tail -3
   while pgrep -f repro-1969 >/dev/null; do sleep 10; done
   cp gpu-repro/* /tmp/repro.log "$RES/" 2>/dev/null; tail -5 /tmp/repro.log ;;
-*) echo "usage: $0 start|finish"; exit 2 ;;
+repro)
+  python3 -m blackwheel.cli repro-1969 --units 1 --out "${OUT:-$RES}" --name repro-1969-h100 ;;
+*) echo "usage: $0 start|finish|repro"; exit 2 ;;
 esac
