@@ -24,7 +24,10 @@ os.environ["FLASHINFER_USE_CUDA_NORM"] = "1"
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
-flashinfer = pytest.importorskip("flashinfer", reason="install the built flashinfer-python AOT wheel first")
+import kernel_check as kc  # noqa: E402  (beside this file; conftest puts it on the path)
+
+# with a GPU, a missing or broken package is a failure, not a skip (install the built AOT wheel first)
+flashinfer = kc.import_or_fail("flashinfer")
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
