@@ -152,6 +152,12 @@ def bench(session: nox.Session) -> None:
     _blackwheel_module(session, "blackwheel.bench", *session.posargs)
 
 
+@nox.session(default=False)
+def bench_build(session: nox.Session) -> None:
+    """Build speed: ours against upstream's own command, same machine, same run (--units N: a subset)."""
+    _blackwheel_module(session, "blackwheel.bench_build", *session.posargs)
+
+
 def _blackwheel_module(session: nox.Session, module: str, *args: str) -> None:
     if "--use-current-env" in args:
         rest = [a for a in args if a != "--use-current-env"]

@@ -223,3 +223,16 @@ def test_reorders_a_cmake_generated_build(tmp_path):
                          text=True).stdout
     compiled = re.findall(r" -o (\S+\.cpp\.o) ", out)
     assert [nj.unit_key(c) for c in compiled][:4] == ["f4.cpp.o", "f3.cpp.o", "f2.cpp.o", "f1.cpp.o"]
+
+
+def test_subset_outputs_pick_named_units_and_refuse_unknown_ones(tmp_path):
+    from blackwheel.errors import UsageError
+    from blackwheel.ninja import subset_outputs
+
+    (tmp_path / "build.ninja").write_text(
+        "rule cc\n  command = touch $out\n"
+        "build /b/x/a.o: cc\nbuild /b/x/split.o: cc\nbuild /b/x/c.o: cc\n")
+    assert subset_outputs(tmp_path, None) == []
+    assert subset_outputs(tmp_path, "c.o,a.o") == ["/b/x/a.o", "/b/x/c.o"]
+    with pytest.raises(UsageError, match="nope.o"):
+        subset_outputs(tmp_path, "a.o,nope.o")

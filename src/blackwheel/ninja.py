@@ -425,6 +425,7 @@ def order_longest_first(build_dir: Path, unit_seconds: dict[str, float]) -> int:
 SHIM_TIMES_ENV = "BLACKWHEEL_NINJA_TIMES"  # JSON {output or file name: seconds}
 SHIM_LOGS_ENV = "BLACKWHEEL_NINJA_LOG_DIR"  # where each run's .ninja_log is copied afterwards
 SHIM_REAL_ENV = "BLACKWHEEL_REAL_NINJA"
+SHIM_ONLY_ENV = "BLACKWHEEL_NINJA_ONLY"  # comma-separated unit names: build only these (bench_build)
 
 
 def write_ninja_shim(shim_dir: Path, real_ninja: str) -> Path:
@@ -470,6 +471,19 @@ def _save_log(build_dir: Path, log_dir: str | None) -> None:
         shutil.copyfile(log, Path(log_dir) / f"{runs:03d}.ninja_log")
 
 
+def subset_outputs(build_dir: Path, only: str | None) -> list[str]:
+    """The outputs of the named units (file names), in build.ninja's order; [] = build everything."""
+    if not only:
+        return []
+    wanted = {u.strip() for u in only.split(",") if u.strip()}
+    nf = parse_ninja(Path(build_dir) / "build.ninja")
+    outputs = [o for e in nf.edges if e.rule != "phony" for o in e.outputs if unit_key(o) in wanted]
+    missing = wanted - {unit_key(o) for o in outputs}
+    if missing:
+        raise UsageError(f"{SHIM_ONLY_ENV}: no such compile unit(s) in build.ninja: {', '.join(sorted(missing))}")
+    return outputs
+
+
 def shim_main(args: list[str], environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     real = env.get(SHIM_REAL_ENV) or "ninja"
@@ -477,6 +491,7 @@ def shim_main(args: list[str], environ: dict[str, str] | None = None) -> int:
     build_dir = _build_dir_of(args)
     if is_build and "-f" not in args and (build_dir / "build.ninja").is_file():
         order_longest_first(build_dir, _load_times(env.get(SHIM_TIMES_ENV)))
+        args = args + subset_outputs(build_dir, env.get(SHIM_ONLY_ENV))
     rc = subprocess.call([real, *args])
     if is_build:
         _save_log(build_dir, env.get(SHIM_LOGS_ENV))
