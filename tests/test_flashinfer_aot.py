@@ -247,12 +247,12 @@ def cubin_archs(path: Path) -> dict[str, set[str]]:
     return {Path(o.path).name: {a.dotted for a in o.cubins} for o in inspect_path(path).cuda_objects}
 
 
-@pytest.mark.network
-@pytest.mark.nvcc
-@pytest.mark.slow
 CORE = ["gelu_and_mul", "gelu_tanh_and_mul", "norm", "page", "rope", "sampling", "silu_and_mul", "topk"]
 
 
+@pytest.mark.network
+@pytest.mark.nvcc
+@pytest.mark.slow
 def test_core_set_compiles_for_gb10_resumes_and_packages(flashinfer_tree, tmp_path: Path) -> None:
     """The whole `core` set for gb10 on this CPU (about 7.5 min on 2 idle cores), every .so sm_121a."""
     if not Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc").exists():
