@@ -151,6 +151,14 @@ def test_shim_reorders_runs_and_keeps_the_log(tmp_path):
     assert "u5.o" in logs[0].read_text()
 
 
+def test_shim_written_over_itself_stays_a_shim_of_the_real_ninja(tmp_path):
+    shim = nj.write_ninja_shim(tmp_path / "shim", str(VENV_NINJA))
+    again = nj.write_ninja_shim(tmp_path / "shim", str(shim))   # found first on a PATH it heads
+    assert again == shim and str(VENV_NINJA) in shim.read_text()
+    version = subprocess.run([str(shim), "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.strip()
+
+
 def test_read_log_later_runs_win_and_bad_files_are_refused(tmp_path):
     (tmp_path / ".ninja_log").write_text("# ninja log v7\n0\t500\t0\ta.o\tff\n10\t30\t0\ta.o\tff\n")
     assert nj.read_ninja_log(tmp_path) == {"a.o": 0.02}

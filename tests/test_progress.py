@@ -136,3 +136,37 @@ def test_run_logged_of_a_missing_program(tmp_path):
     with pytest.raises(BuildFailed, match="pkg: cannot run /no/such/tool: No such file or directory"):
         run_logged(["/no/such/tool"], tmp_path, {"PATH": os.environ["PATH"]}, tmp_path / "d.log", "pkg",
                    live=False)
+
+
+def test_affinity_rss_counts_the_processes_on_those_cpus_only():
+    import os
+    import subprocess
+    import sys
+
+    from blackwheel.progress import affinity_rss
+
+    cpu = min(os.sched_getaffinity(0))
+    before = affinity_rss(frozenset({cpu}))
+    child = subprocess.Popen([sys.executable, "-c", "import sys,time; b = bytearray(300 << 20); "
+                              "print('ready', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert affinity_rss(frozenset({cpu})) - before >= 300 << 20
+        assert affinity_rss(frozenset({-1})) == 0          # a set nothing is pinned to
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_memory_sampler_keeps_the_peak_of_its_measure():
+    import time
+
+    from blackwheel.progress import MemorySampler
+
+    values = iter([5, 40, 7] + [1] * 1000)
+    sampler = MemorySampler(interval=0.01, measure=lambda: next(values))
+    sampler.start()
+    time.sleep(0.2)
+    assert sampler.stop() == 40

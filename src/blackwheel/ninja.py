@@ -434,6 +434,8 @@ def write_ninja_shim(shim_dir: Path, real_ninja: str) -> Path:
     The shim reads the env vars above at run time, so one shim serves every build.
     """
     shim_dir = Path(shim_dir)
+    if Path(real_ninja).resolve() == (shim_dir / "ninja").resolve():
+        return shim_dir / "ninja"    # already the shim: rewriting it to run itself would loop forever
     src_root = Path(__file__).resolve().parents[1]
     script = (
         "#!/bin/sh\n"

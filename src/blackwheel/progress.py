@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BuildFailed
+from .ninja import unit_progress
 
-_NINJA = re.compile(r"^\s*\[(\d+)/(\d+)\]\s")  # pip indents the backend output
 # a compiler's (gcc, nvcc "error #20-D:", MSVC-style "error C2065") or CMake's own diagnostic
 _ERROR = re.compile(r"(\berror( #[\w-]+)?:|\berror [A-Z]+\d+|fatal error|CMake Error|Error compiling)", re.I)
 _WARNING = re.compile(r"\bwarning( #[\w-]+)?:", re.I)   # "error" inside a warning is not an error
@@ -38,19 +38,55 @@ def _mem_used_bytes() -> int | None:
         return None
 
 
-class MemorySampler(threading.Thread):
-    """Peak of (memory in use on the machine) minus what was in use when the build started."""
+def affinity_rss(cpus: frozenset[int]) -> int:
+    """Resident bytes of the processes pinned to exactly ``cpus``: one build among others at once.
 
-    def __init__(self, interval: float = 0.5):
+    A build started from a thread pinned to its own CPUs passes them to every process it starts,
+    compilers run by an sccache server included (the server inherits them too).
+    """
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["cpu_affinity", "memory_info"]):
+        affinity, mem = proc.info.get("cpu_affinity"), proc.info.get("memory_info")
+        if affinity is not None and mem is not None and frozenset(affinity) == cpus:
+            total += mem.rss
+    return total
+
+
+def pinned_measure():
+    """``affinity_rss`` of this process's CPUs when it is pinned to part of the machine, else None.
+
+    A build started with ``taskset`` on a share of the CPUs is one build among others: its peak is
+    its own processes' memory, not the machine's."""
+    try:
+        import psutil  # noqa: F401  (in the build extra; without it, the machine-wide figure)
+        mine = frozenset(os.sched_getaffinity(0))
+    except (ImportError, AttributeError):
+        return None
+    if len(mine) >= (os.cpu_count() or 0):
+        return None
+    return lambda: affinity_rss(mine)
+
+
+class MemorySampler(threading.Thread):
+    """Peak of (memory in use on the machine) minus what was in use when the build started.
+
+    With ``measure`` (bytes a build uses now, e.g. ``affinity_rss``), the peak of that instead;
+    a process pinned to a share of the CPUs measures its own share (``pinned_measure``)."""
+
+    def __init__(self, interval: float = 0.5, measure=None):
         super().__init__(daemon=True)
         self.interval = interval
-        self.baseline = _mem_used_bytes() or 0
+        measure = measure or pinned_measure()
+        self.measure = measure or _mem_used_bytes
+        self.baseline = 0 if measure else (_mem_used_bytes() or 0)
         self.peak = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
-            used = _mem_used_bytes()
+            used = self.measure()
             if used is not None:
                 self.peak = max(self.peak, used - self.baseline)
 
@@ -133,11 +169,13 @@ def first_error(log: Path) -> str | None:
 
 
 def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label: str,
-               expected_units: int | None = None, live: bool | None = None) -> RunResult:
-    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal."""
+               expected_units: int | None = None, live: bool | None = None, memory=None) -> RunResult:
+    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal.
+
+    ``memory``: how to measure the build's memory (default: in use on the machine, above the start)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(label, expected_units, live)
-    sampler = MemorySampler()
+    sampler = MemorySampler(measure=memory)
     sampler.start()
     start = time.monotonic()
     units: list[str] = []
@@ -155,10 +193,10 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label:
             for line in proc.stdout:
                 out.write(line)
                 out.flush()   # the log is what a user tails while the build runs
-                m = _NINJA.match(line)
-                if m:
+                done_total = unit_progress(line)     # ninja's [12/73], indented by pip
+                if done_total:
                     units.append(line)
-                    progress.update(int(m.group(1)), int(m.group(2)))
+                    progress.update(*done_total)
             rc = proc.wait()
         except BaseException:
             os.killpg(proc.pid, 9)
