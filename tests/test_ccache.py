@@ -69,6 +69,8 @@ def test_env_routes_nvcc_host_and_cmake_through_sccache(tmp_path):
     sccache = str(SCCACHE.resolve())
     assert env["PYTORCH_NVCC"].split() == ["python3", "memgate.py", "--", sccache, NVCC]
     assert {env[f"CMAKE_{lang}_COMPILER_LAUNCHER"] for lang in ("C", "CXX", "CUDA")} == {sccache}
+    assert env["FLASHINFER_NVCC_LAUNCHER"].split() == ["python3", "memgate.py", "--", sccache]
+    assert env["FLASHINFER_CXX_LAUNCHER"] == sccache
     assert env["SCCACHE_DIR"] == str(tmp_path) and "SCCACHE_BUCKET" not in env
     merged = ccache.apply_cache_env({"PATH": "/usr/bin", "SCCACHE_REDIS_ENDPOINT": "redis://stray",
                                      "HOME": "/root"}, env, SCCACHE)
@@ -143,8 +145,11 @@ def redis_url(tmp_path):
     proc.wait(timeout=10)
 
 
-def _compile_twice(config: CacheConfig, tmp_path: Path) -> list[tuple[float, dict]]:
-    """The same source compiled from two build folders: (seconds, stats) of each."""
+def _compile_twice(config: CacheConfig, tmp_path: Path, flashinfer: bool = False) -> list[tuple[float, dict]]:
+    """The same source compiled from two build folders: (seconds, stats) of each.
+
+    ``flashinfer``: the command FlashInfer's generated build.ninja runs (its launcher variable and
+    ``--generate-dependencies-with-compile``) instead of torch's."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "kernel.cu").write_text(KERNEL)
@@ -158,6 +163,9 @@ def _compile_twice(config: CacheConfig, tmp_path: Path) -> list[tuple[float, dic
             ccache.zero_stats(SCCACHE, env)
             cmd = (f"{env['PYTORCH_NVCC']} -MD -MF {out}/kernel.cuda.o.d {' '.join(TORCH_LIKE)} "
                    f"-c {src}/kernel.cu -o {out}/kernel.cuda.o")
+            if flashinfer:
+                cmd = (f"{env['FLASHINFER_NVCC_LAUNCHER']} {NVCC} --generate-dependencies-with-compile "
+                       f"-MF {out}/kernel.cuda.o.d {' '.join(TORCH_LIKE)} -c {src}/kernel.cu -o {out}/kernel.cuda.o")
             start = time.monotonic()
             subprocess.run(cmd, shell=True, env=env, check=True, cwd=out)
             results.append((time.monotonic() - start, ccache.stats(SCCACHE, env)))
@@ -184,6 +192,12 @@ def _check_second_is_cached(results: list[tuple[float, dict]], store: str) -> No
 def test_local_cache_serves_the_second_build(tmp_path):
     config = CacheConfig(kind="local", directory=tmp_path / "cache")
     _check_second_is_cached(_compile_twice(config, tmp_path), "local")
+
+
+@pytest.mark.nvcc
+def test_flashinfer_compile_command_is_cached_too(tmp_path):
+    config = CacheConfig(kind="local", directory=tmp_path / "store")
+    _check_second_is_cached(_compile_twice(config, tmp_path, flashinfer=True), "local, FlashInfer's command")
 
 
 @pytest.mark.nvcc

@@ -44,7 +44,8 @@ KINDS = ("off", "local", "redis", "s3")
 # SCCACHE_REDIS_ENDPOINT from the user's shell cannot redirect a "local" build
 OWNED_PREFIXES = ("SCCACHE_",)
 OWNED_NAMES = ("PYTORCH_NVCC", "TORCH_NO_COMPILER_WRAPPER", "CMAKE_C_COMPILER_LAUNCHER",
-               "CMAKE_CXX_COMPILER_LAUNCHER", "CMAKE_CUDA_COMPILER_LAUNCHER")
+               "CMAKE_CXX_COMPILER_LAUNCHER", "CMAKE_CUDA_COMPILER_LAUNCHER",
+               "FLASHINFER_NVCC_LAUNCHER", "FLASHINFER_CXX_LAUNCHER")
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,9 @@ def cache_env(config: CacheConfig, sccache_bin: str | os.PathLike, nvcc: str | N
     env["PYTORCH_NVCC"] = shlex.join([*(nvcc_prefix or []), sccache, nvcc])
     for lang in ("C", "CXX", "CUDA"):
         env[f"CMAKE_{lang}_COMPILER_LAUNCHER"] = sccache
+    # FlashInfer's generated build.ninja: "$nvcc_launcher $nvcc ..." and "$cxx_launcher $cxx ..."
+    env["FLASHINFER_NVCC_LAUNCHER"] = shlex.join([*(nvcc_prefix or []), sccache])
+    env["FLASHINFER_CXX_LAUNCHER"] = sccache
     return env
 
 
