@@ -117,7 +117,7 @@ def test_torch_other_than_the_stack_is_refused_before_any_work(project, bw_env, 
     assert cli.main(["build", cuda_ext.NAME, "--stack", "test"]) == ToolchainError.exit_code
     err = capsys.readouterr().err
     assert "the stack pins 1." in err and len(err.strip().splitlines()) == 1
-    assert not (bw_env / "cache").exists()          # refused before any fetch
+    assert not (bw_env / "cache" / "sources").exists()   # refused before any fetch
 
 
 @pytest.mark.network

@@ -188,7 +188,7 @@ def test_platform_and_machine_come_from_the_probe(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "nvidia" / "cu13" / "include").mkdir(parents=True)
     monkeypatch.setattr(toolchain.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(toolchain, "probe_torch", lambda python: {
+    monkeypatch.setattr(toolchain, "probe_torch", lambda python, cache_dir=None: {
         "torch": "2.14.1+cu130", "torch_cuda": "13.0", "cxx11_abi": True, "arch_list": ["sm_120"],
         "python": "3.12.3", "platform": "linux-aarch64", "purelib": str(site)})
     t = probe("/fake/python", {"CUDA_HOME": str(cuda), "CXX": str(cxx), "PATH": os.environ["PATH"]})
@@ -236,3 +236,27 @@ def test_real_probe_of_this_machine():
     if "+cu13" in t.torch:
         assert t.torch_cuda.startswith("13.") and t.torch_arch_list
         check(t, torch_version.split("+")[0], None, "test")
+
+
+def test_torch_probe_is_kept_per_torch_install(tmp_path, monkeypatch):
+    import sys
+
+    from blackwheel import toolchain as tc
+
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "version.py").write_text("__version__ = '1'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.setattr(tc, "_TORCH_PROBE", "import json; print(json.dumps({'torch': '1'}))")
+    first = tc.probe_torch(sys.executable, tmp_path / "cache")
+    assert first == {"torch": "1"}
+    monkeypatch.setattr(tc, "_TORCH_PROBE", "raise SystemExit('torch imported again')")
+    assert tc.probe_torch(sys.executable, tmp_path / "cache") == first      # the same install: no import
+    (fake / "version.py").write_text("__version__ = '2.0'\n")              # reinstalled: probed again
+    with pytest.raises(ToolchainError, match="torch imported again"):
+        tc.probe_torch(sys.executable, tmp_path / "cache")
+    monkeypatch.setattr(tc, "_TORCH_IDENTITY",
+                        tc._TORCH_IDENTITY.replace('find_spec("torch")', 'find_spec("no_such_torch_module")'))
+    with pytest.raises(ToolchainError, match="no module named 'torch'"):
+        tc.probe_torch(sys.executable, tmp_path / "cache")

@@ -9,6 +9,7 @@ Nothing here assumes x86_64: paths and platform tags come from the machine (GB10
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from .errors import ToolchainError
+from .fsutil import atomic_write_json
 
 REQUIRED_CUDA_MAJOR = 13
 _EXEC_LINE = re.compile(r"""^\s*exec\s+["']?(?P<path>[^\s"']*nvcc)\b""", re.MULTILINE)
@@ -105,12 +107,43 @@ print(json.dumps({
 """
 
 
-def probe_torch(python: str) -> dict:
-    proc = subprocess.run([python, "-c", _TORCH_PROBE], capture_output=True, text=True)
+# What identifies a torch install without importing it (importing takes seconds): the interpreter,
+# and the size and mtime of torch's version file and compiled core (a reinstall changes them).
+_TORCH_IDENTITY = """
+import importlib.util, json, os, sys
+spec = importlib.util.find_spec("torch")
+root = os.path.dirname(spec.origin) if spec and spec.origin else None
+files = sorted(f for f in os.listdir(root) if f == "version.py" or f.startswith("_C.")) if root else []
+print(json.dumps([os.path.realpath(sys.executable), sys.version, root,
+                  [(f, os.stat(os.path.join(root, f)).st_size, os.stat(os.path.join(root, f)).st_mtime_ns) for f in files]]))
+"""
+
+
+def _run_probe(python: str, script: str) -> str:
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ToolchainError(f"the build Python {python} cannot import torch: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def probe_torch(python: str, cache_dir: Path | None = None) -> dict:
+    """torch's version, CUDA, ABI and arch list as ``python`` sees them.
+
+    With ``cache_dir`` the answer is kept per torch install, so that a rebuild that only finds its
+    wheel again (nothing changed) does not spend seconds importing torch."""
+    if cache_dir is None:
+        return json.loads(_run_probe(python, _TORCH_PROBE))
+    identity = _run_probe(python, _TORCH_IDENTITY)
+    if json.loads(identity)[2] is None:
+        raise ToolchainError(f"the build Python {python} cannot import torch: no module named 'torch'")
+    cached = Path(cache_dir) / "toolchain" / f"torch-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        found = json.loads(_run_probe(python, _TORCH_PROBE))
+        atomic_write_json(cached, found)
+        return found
 
 
 def nvidia_wheel_dirs(purelib: str) -> tuple[list[str], list[str]]:
@@ -152,11 +185,12 @@ class Toolchain:
         return asdict(self)
 
 
-def probe(python: str, env: dict | None = None) -> Toolchain:
+def probe(python: str, env: dict | None = None, cache_dir: Path | None = None) -> Toolchain:
+    """This build host's toolchain; ``cache_dir`` keeps the torch part per torch install."""
     env = dict(os.environ if env is None else env)
     home, how = find_cuda_home(env)
     cc_name, cc_version = host_compiler(env)
-    t = probe_torch(python)
+    t = probe_torch(python, cache_dir)
     # only a minimal toolkit needs the wheels' headers; a full one must not be shadowed
     inc = [] if (home / "include" / "cublas_v2.h").exists() else nvidia_wheel_dirs(t["purelib"])[0]
     return Toolchain(
