@@ -45,6 +45,21 @@ def test_ptx_alone_does_not_pass_but_is_mentioned():
     assert "PTX 8.0 would only JIT-compile" in failed.failures[0]
 
 
+def test_ptx_only_ok_libraries_pass_by_jit_and_say_so():
+    fa2 = obj("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "8.0", "8.0")
+    ok = verify_paths(report(fa2, obj("vllm/_C.so", "12.1a")), TARGETS["gb10"],
+                      ptx_ok=["vllm/vllm_flash_attn/_vllm_fa2_C*.so"])
+    assert ok.ok and ok.notes == ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so: runs on 12.1 by PTX JIT from 8.0 "
+                                  "(slow first launch; the recipe declares this library PTX-only-ok)",)
+    assert "PTX-only-ok" in ok.to_dict()["notes"][0]
+    # the declaration covers only the named library, and only where its PTX can serve the device
+    other = verify_paths(report(fa2, obj("vllm/_C.so", "8.0", "8.0")), TARGETS["gb10"], ptx_ok=["*_fa2_C*.so"])
+    assert other.failures == ("vllm/_C.so: no cubin runs natively on 12.1 (target gb10); cubins: 8.0; "
+                              "PTX 8.0 would only JIT-compile",)
+    no_ptx = verify_paths(report(obj("x/_fa2_C.so", "8.0")), TARGETS["gb10"], ptx_ok=["*_fa2_C*.so"])
+    assert not no_ptx.ok
+
+
 def test_objects_without_cuda_code_are_ignored_but_a_wheel_needs_some():
     assert verify_paths(report(obj("_C.so", "12.0f"), obj("libfoo.so")), TARGETS["blackwell"]).ok
     failed = verify_paths(report(obj("libfoo.so")), TARGETS["gb10"])

@@ -33,6 +33,7 @@ class VerifyReport:
     objects: tuple[ObjectReport, ...]  # every ELF object read, with or without CUDA code
     failures: tuple[str, ...]
     required: tuple[tuple[str, tuple[CudaArch, ...]], ...] = ()
+    jit_accepted: tuple[str, ...] = ()   # devices served by PTX JIT where the recipe declares it fine
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,7 @@ class VerifyReport:
                 missing, total = obj.units_without_native(cc)
                 if missing and best_native(obj.cubins, cc):
                     notes.append(f"{obj.path}: {missing} of {total} compilation units have no cubin for {cc}")
-        return tuple(notes)
+        return tuple(notes) + self.jit_accepted
 
     def raise_for_failure(self) -> None:
         if self.failures:
@@ -101,9 +102,11 @@ def _reports(inputs: Inputs) -> list[InspectReport]:
     return [i if isinstance(i, InspectReport) else inspect_path(i) for i in inputs]
 
 
-def _device_failures(obj: ObjectReport, target: Target) -> list[str]:
+def _device_failures(obj: ObjectReport, target: Target, served_by_jit: Iterable[ComputeCapability] = ()) -> list[str]:
     failures = []
     for cc in target.uncovered(obj.cubins):
+        if cc in served_by_jit:
+            continue
         have = " ".join(str(a) for a in obj.cubins) or "none"
         jit = [a for a in obj.ptx if a.ptx_jits_on(cc)[0]]
         hint = f"; PTX {jit[-1]} would only JIT-compile" if jit else ""
@@ -129,12 +132,25 @@ def _required_failures(objects: Sequence[ObjectReport], required: Required) -> l
     return failures
 
 
-def verify_paths(inputs: Inputs, target: Target, required: Required | None = None) -> VerifyReport:
+def _jit_accepted(obj: ObjectReport, target: Target) -> dict[ComputeCapability, str]:
+    """For an object the recipe declares PTX-only-ok: each device its PTX serves by JIT, with a note."""
+    out = {}
+    for cc in target.uncovered(obj.cubins):
+        jit = [a for a in obj.ptx if a.ptx_jits_on(cc)[0]]
+        if jit:
+            out[cc] = (f"{obj.path}: runs on {cc} by PTX JIT from {jit[-1]} (slow first launch; "
+                       f"the recipe declares this library PTX-only-ok)")
+    return out
+
+
+def verify_paths(inputs: Inputs, target: Target, required: Required | None = None,
+                 ptx_ok: Sequence[str] = ()) -> VerifyReport:
     """Check every CUDA object in ``inputs`` (paths or InspectReports) against ``target``.
 
     ``required`` maps a glob (matched against the object's path or file name) to cubins that
     matching objects must carry exactly, e.g. ``{"*_C*.so": [CudaArch.parse("12.1a")]}``; an empty
-    list only demands that a CUDA object matching the glob exists.
+    list only demands that a CUDA object matching the glob exists. Objects matching a ``ptx_ok``
+    glob (the recipe's ``expect.ptx-only-ok``) may serve a device by PTX JIT instead of a cubin.
     """
     required = {glob: tuple(archs) for glob, archs in (required or {}).items()}
     reports = _reports(inputs)
@@ -145,18 +161,22 @@ def verify_paths(inputs: Inputs, target: Target, required: Required | None = Non
     if not cuda:
         failures.append(f"{', '.join(sources)}: no CUDA code at all (no cubin or PTX in any ELF file); "
                         "the build produced no kernels")
+    accepted: list[str] = []
     for obj in cuda:
-        failures.extend(_device_failures(obj, target))
+        jit = _jit_accepted(obj, target) if any(_matches(obj, g) for g in ptx_ok) else {}
+        failures.extend(_device_failures(obj, target, jit))
+        accepted.extend(jit.values())
     failures.extend(_required_failures(cuda, required))
-    return VerifyReport(target, sources, objects, tuple(failures), tuple(required.items()))
+    return VerifyReport(target, sources, objects, tuple(failures), tuple(required.items()), tuple(accepted))
 
 
-def verify_wheel(wheel_path: PathLike, target: Target, required: Required | None = None) -> VerifyReport:
+def verify_wheel(wheel_path: PathLike, target: Target, required: Required | None = None,
+                 ptx_ok: Sequence[str] = ()) -> VerifyReport:
     if not str(wheel_path).endswith(".whl"):
         raise UsageError(f"{wheel_path}: not a wheel (expected a .whl file)")
     if not os.path.isfile(wheel_path):
         raise UsageError(f"{wheel_path}: no such wheel")
-    return verify_paths(wheel_path, target, required)
+    return verify_paths(wheel_path, target, required, ptx_ok)
 
 
 # ---- compat: what runs on one device ----------------------------------------------------------------
