@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
-from .errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive
+from .errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive, UsageError
 from .fsutil import sha256_file
 
 GIT_COMMIT_LEN = 40
@@ -418,7 +418,9 @@ def _cmd_fetch(args) -> int:
     names = [args.package] if args.package else list(stack.pins)
     sources = []
     for name in names:
-        rv = load_recipe(name).version(stack.pins.get(name) or _unpinned(name, stack))
+        if not stack.pins.get(name):
+            raise UsageError(f"stack {stack.name} pins no version of {name}")
+        rv = load_recipe(name).version(stack.pins[name])
         sources += [rv.sdist, *rv.resources_for(target, stack.torch)]
     if args.check:
         missing = fetcher.missing(sources)
@@ -430,8 +432,3 @@ def _cmd_fetch(args) -> int:
         path = fetcher.fetch(src)
         print(f"ok  {src.label}  {path}")
     return 0
-
-
-def _unpinned(name: str, stack) -> str:
-    from .errors import UsageError
-    raise UsageError(f"stack {stack.name} pins no version of {name}")
