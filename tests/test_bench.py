@@ -167,3 +167,130 @@ def test_tiny_cpu_run_writes_a_valid_document(tmp_path, monkeypatch):
     assert [r["kernel"] for r in doc["results"]] == ["fwd", "bwd", "prefill", "decode"]
     assert all(r["reference"]["median_ms"] > 0 for r in doc["results"])
     assert doc["environment"]["packages"]["flash-attn"] == "stand-in" and doc["finished"]
+
+
+# ---- flashinfer --------------------------------------------------------------------------------------
+def test_flashinfer_registry_entry():
+    fi = bench.BENCHMARKS["flashinfer"]
+    assert (fi.import_name, fi.distribution, fi.run) == ("flashinfer", "flashinfer-python", bench.run_flashinfer)
+    assert set(fi.families) == {"decode", "prefill", "norm", "activation"}
+    assert fi.gpu_only and not bench.BENCHMARKS["flash_attn"].gpu_only
+    assert fi.env == {"FLASHINFER_DISABLE_JIT": "1", "FLASHINFER_NO_DOWNLOAD": "1", "FLASHINFER_USE_CUDA_NORM": "1"}
+
+
+def test_flashinfer_cases_cover_the_brief():
+    full = bench.flashinfer_cases(bench.SIZES["full"])
+    quick = bench.flashinfer_cases(bench.SIZES["quick"])
+    decode = {(c.batch, c.seqlen, c.kv_dtype) for c in full if c.kernel == "decode"}
+    assert decode == {(8, 16384, "bf16"), (64, 4096, "bf16"), (8, 16384, "fp8_e4m3"), (64, 4096, "fp8_e4m3")}
+    assert {(c.batch, c.seqlen) for c in full if c.kernel == "prefill"} == {(4, 2048), (1, 8192)}
+    assert all((c.heads, c.heads_k, c.headdim, c.page_size) == (32, 8, 128, 16) for c in full)
+    assert {c.name for c in quick} < {c.name for c in full}, "quick is a smaller subset of full"
+    assert {c.kernel for c in quick} == {"decode", "prefill"}
+    names = [c.name for c in full]
+    assert len(names) == len(set(names)), "result names must be unique"
+    assert all(n.startswith("flashinfer ") for n in names), "told apart from flash_attn rows in one report"
+
+
+def test_flashinfer_work_per_case():
+    decode = bench.FlashInferCase("decode", 8, 16384)
+    assert decode.metric == "gbps" and decode.work() == 2 * 8 * 16384 * 8 * 128 * 2   # K and V, bf16
+    fp8 = bench.FlashInferCase("decode", 8, 16384, "fp8_e4m3")
+    assert fp8.work() == decode.work() / 2 and "fp8_e4m3" in fp8.name
+    assert decode.pages == 8 * 16384 // 16 and decode.shape()["seqlen_q"] == 1
+    prefill = bench.FlashInferCase("prefill", 4, 2048)
+    per_request = bench.attention_flops(1, 32, 2048, 2048, 128, causal=True)
+    assert prefill.metric == "tflops" and prefill.work() == 4 * per_request
+    ref = prefill.reference_case()
+    assert ref.work() == prefill.work() and ref.causal, "the SDPA reference does the same total work"
+    assert decode.reference_case() is None
+    assert prefill.set_bytes() == 2 * 4 * 2048 * (32 + 8) * 128 * 2               # q, out, k, v
+
+
+def test_flashinfer_refused_on_cpu(tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path), "--packages", "flashinfer", "--device", "cpu"]) == UsageError.exit_code
+    err = capsys.readouterr().err
+    assert err.strip() == "blackwheel bench: flashinfer runs only on a CUDA GPU, not on --device cpu"
+    assert not (tmp_path / bench.RESULTS_NAME).exists()
+
+
+def test_flashinfer_env_is_set_only_where_unset(monkeypatch):
+    for key in bench.FLASHINFER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FLASHINFER_DISABLE_JIT", "0")
+    bench.BENCHMARKS["flashinfer"].apply_env()
+    import os
+    assert os.environ["FLASHINFER_DISABLE_JIT"] == "0", "a value the user set is kept"
+    assert os.environ["FLASHINFER_NO_DOWNLOAD"] == os.environ["FLASHINFER_USE_CUDA_NORM"] == "1"
+
+
+def _standin_flashinfer(torch, log, broken_kv=None):
+    """flashinfer's wrapper API recording every call; checks run() inputs against plan()."""
+    class Decode:
+        def __init__(self, ws, layout):
+            log.append(("decode", layout))
+
+        def plan(self, indptr, indices, last, hq, hkv, dim, page, q_data_type, kv_data_type):
+            log.append(("plan",))
+            assert int(indptr[-1]) == len(indices) and int(last.max()) <= page
+            self.want = (len(indices), 2, page, hkv, dim), kv_data_type, (len(indptr) - 1, hq, dim)
+
+        def run(self, q, cache):
+            log.append(("run",))
+            assert (tuple(cache.shape), cache.dtype, tuple(q.shape)) == self.want
+            if cache.dtype == broken_kv:
+                raise RuntimeError("JIT compilation is disabled\nmore")
+            return torch.empty_like(q)
+
+    class Prefill:
+        def __init__(self, ws, layout, backend):
+            log.append(("prefill", layout, backend))
+
+        def plan(self, qo_indptr, kv_indptr, hq, hkv, dim, causal, q_data_type):
+            log.append(("plan",))
+            assert causal and torch.equal(qo_indptr, kv_indptr)
+            self.want = int(qo_indptr[-1]), hq, hkv, dim
+
+        def run(self, q, k, v):
+            log.append(("run",))
+            assert (q.shape[0], q.shape[1], k.shape[1], q.shape[2]) == self.want and k.shape == v.shape
+            return torch.empty_like(q)
+
+    return types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=Decode,
+                                 BatchPrefillWithRaggedKVCacheWrapper=Prefill)
+
+
+def test_run_flashinfer_plans_once_and_keeps_going_after_a_broken_case():
+    torch = pytest.importorskip("torch")
+    device = torch.device("cpu")
+    ctx = bench.BenchContext(torch, device, bench.Timer(torch, device), 8 << 20, bench.SIZES["tiny"])
+    log, results = [], []
+    fi = _standin_flashinfer(torch, log, broken_kv=torch.float8_e4m3fn)
+    bench.run_flashinfer(ctx, fi, results.append)
+    cases = bench.flashinfer_cases(bench.SIZES["tiny"])
+    assert [r["name"] for r in results] == [c.name for c in cases]
+    ok = {r["kernel"]: r for r in results if not r["error"]}
+    broken = [r for r in results if r["error"]]
+    assert len(broken) == 1 and broken[0]["shape"]["kv_dtype"] == "fp8_e4m3"
+    assert broken[0]["error"] == "RuntimeError: JIT compilation is disabled"
+    assert ok["decode"]["metric"] == "gbps" and ok["decode"]["work"] == cases[0].work()
+    assert ok["decode"]["reference"] is None
+    assert ok["prefill"]["metric"] == "tflops" and ok["prefill"]["reference"]["median_ms"] > 0
+    assert ("prefill", "NHD", "fa2") in log
+    plans = [i for i, e in enumerate(log) if e == ("plan",)]
+    assert len(plans) == len(cases), "one plan per case, outside the timed calls"
+    runs_after_plan = [sum(1 for e in log[p:] if e == ("run",)) for p in plans]
+    assert all(n > bench.SIZES["tiny"].reps for n in runs_after_plan), "run() is what is timed"
+
+
+def test_flashinfer_families_launch_once_with_small_shapes():
+    torch = pytest.importorskip("torch")
+    log = []
+    fi = _standin_flashinfer(torch, log)
+    fi.norm = types.SimpleNamespace(rmsnorm=lambda x, w, eps: log.append(("rmsnorm", tuple(x.shape), w.shape[0])))
+    fi.activation = types.SimpleNamespace(silu_and_mul=lambda x: log.append(("silu_and_mul", tuple(x.shape))))
+    for family in bench.BENCHMARKS["flashinfer"].families.values():
+        family(torch, fi, torch.device("cpu"))
+    assert log.count(("run",)) == 2 and log.count(("plan",)) == 2
+    assert ("prefill", "NHD", "fa2") in log and ("decode", "NHD") in log
+    assert ("rmsnorm", (64, 4096), 4096) in log and ("silu_and_mul", (64, 4096)) in log

@@ -140,3 +140,69 @@ def test_cli_report_command(tmp_path):
     args = parser.parse_args(["report", str(BENCH), "--out", str(tmp_path)])
     assert args.func(args) == 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ceilings.png").is_file()
+
+
+# ---- FlashInfer results (the recorded H200 run of 2026-11-30, docs/reports/h200-2026-11-30) ----------
+FI_BENCH = FIXTURES / "h200-flashinfer-bench.json"
+
+
+@pytest.fixture(scope="module")
+def fi_doc():
+    doc = json.loads(FI_BENCH.read_text())
+    assert doc["synthetic"] is False and doc["environment"]["device"] == "NVIDIA H200"
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fi_markdown(tmp_path_factory):
+    return gpu_report.write_report(FI_BENCH, tmp_path_factory.mktemp("fi-report"))["report.md"].read_text()
+
+
+def test_flashinfer_fixture_matches_the_bench_cases(fi_doc):
+    from blackwheel import bench
+
+    cases = {c.name: c for c in bench.flashinfer_cases(bench.SIZES["full"])}
+    assert [r["name"] for r in fi_doc["results"]] == list(cases)
+    for r in fi_doc["results"]:
+        assert r["package"] == "flashinfer" and r["shape"] == cases[r["name"]].shape()
+        if not r["error"]:
+            assert (r["metric"], r["work"]) == (cases[r["name"]].metric, cases[r["name"]].work())
+    assert {f["family"] for f in fi_doc["first_launch"]} == set(bench.BENCHMARKS["flashinfer"].families)
+
+
+def test_flashinfer_rows_show_unit_ratio_and_reference(fi_doc, fi_markdown):
+    ceilings = {m: _rate(r) for m, r in fi_doc["ceilings"].items()}
+    ok = [r for r in fi_doc["results"] if not r["error"]]
+    assert {r["metric"] for r in ok} == {"gbps", "tflops"}
+    for r in ok:
+        row = _row(fi_markdown, r["name"])
+        unit = "GB/s" if r["kernel"] == "decode" else "TFLOP/s"
+        assert row[2] == f"{_rate(r):.1f} {unit}"
+        assert row[3] == f"{_rate(r) / ceilings[r['metric']]:.2f}"       # decode vs copy, prefill vs matmul
+        assert row[6] == "flashinfer"
+        if r["reference"] is None:                                        # decode: no reference timed
+            assert row[4:6] == ["none", "n/a"]
+        else:
+            assert row[4] == f"{r['reference']['median_ms']:.3f}"
+            assert row[5] == f"{r['reference']['median_ms'] / r['median_ms']:.2f}x"
+
+
+
+def test_a_broken_flashinfer_case_is_a_row_saying_so(fi_doc, tmp_path):
+    from blackwheel import bench
+
+    doc = json.loads(json.dumps(fi_doc))
+    first = doc["results"][0]
+    doc["results"][0] = bench.error_result(package="flashinfer", kernel=first["kernel"], name=first["name"],
+                                           shape=first["shape"], exc=RuntimeError("MissingJITCacheError: not in the set"))
+    (tmp_path / "bench.json").write_text(json.dumps(doc))
+    md = gpu_report.write_report(tmp_path / "bench.json", tmp_path / "out")["report.md"].read_text()
+    assert _row(md, first["name"])[1:3] == ["ERROR", "RuntimeError: MissingJITCacheError: not in the set"]
+
+
+def test_flashinfer_environment_and_first_launch_rows(fi_doc, fi_markdown):
+    assert "flashinfer-python 0.6.13+cu130.sm90" in fi_markdown
+    assert _row(fi_markdown, "device copy (read + write)")[2] == "4800.0"     # H200 SXM datasheet
+    for f in fi_doc["first_launch"]:
+        row = _row(fi_markdown, f"flashinfer {f['family']}")
+        assert row[1] == "yes" and row[2] == f"{f['import_to_first_result_s']:.2f}"

@@ -18,7 +18,7 @@ What is measured, and why that way:
   PTX JIT disabled; if that fails, the wheel lacks native code for this GPU and a second run with
   JIT allowed shows what the fallback costs.
 
-Packages are entries of ``BENCHMARKS``; FlashInfer and vLLM add theirs the same way.
+Packages are entries of ``BENCHMARKS`` (flash_attn, flashinfer); vLLM adds its own the same way.
 """
 
 from __future__ import annotations
@@ -289,13 +289,20 @@ class PackageBench:
     """One package's benchmarks: ``run(ctx, module, record)`` and first-launch kernel families.
 
     ``record(result)`` stores each result as it is made. Each family is a callable
-    ``(torch, module, device) -> None`` that launches the family's kernels once.
+    ``(torch, module, device) -> None`` that launches the family's kernels once. ``env`` is set
+    (where not already set) before the module is imported; ``gpu_only`` refuses ``--device cpu``.
     """
 
     import_name: str
     distribution: str
     run: Callable[[BenchContext, Any, Callable[[dict], None]], None]
     families: dict[str, Callable[[Any, Any, Any], None]]
+    env: dict[str, str] = field(default_factory=dict)
+    gpu_only: bool = False
+
+    def apply_env(self) -> None:
+        for key, value in self.env.items():
+            os.environ.setdefault(key, value)
 
 
 BENCHMARKS: dict[str, PackageBench] = {}   # filled at the end of this module
@@ -427,19 +434,26 @@ def _sdpa_reference(ctx: BenchContext, case: AttnCase) -> dict:
     return ref
 
 
-def run_flash_attn(ctx: BenchContext, fa, record: Callable[[dict], None]) -> None:
-    for case in flash_attn_cases(ctx.sizes):
-        base = {"package": "flash_attn", "kernel": case.kernel, "name": case.name, "shape": case.shape()}
+def _run_cases(ctx: BenchContext, package: str, cases: list, fns: Callable[[Any], list],
+               reference: Callable[[Any], dict | None], record: Callable[[dict], None]) -> None:
+    """Time each case (``fns(case)``: its calls, one per input set), then its reference; record it."""
+    for case in cases:
+        base = {"package": package, "kernel": case.kernel, "name": case.name, "shape": case.shape()}
         try:
-            times = ctx.time(_flash_attn_fns(ctx, fa, case))
+            times = ctx.time(fns(case))
             ctx.release()
-            reference = _sdpa_reference(ctx, case)
+            ref = reference(case)
             record(make_result(**base, metric=case.metric, work=case.work(), times_ms=times,
-                               ceiling=ctx.ceilings.get(case.metric), reference=reference))
+                               ceiling=ctx.ceilings.get(case.metric), reference=ref))
         except Exception as exc:  # one broken case must not lose the others
             record(error_result(**base, exc=exc))
         finally:
             ctx.release()
+
+
+def run_flash_attn(ctx: BenchContext, fa, record: Callable[[dict], None]) -> None:
+    _run_cases(ctx, "flash_attn", flash_attn_cases(ctx.sizes), lambda c: _flash_attn_fns(ctx, fa, c),
+               lambda c: _sdpa_reference(ctx, c), record)
 
 
 def _fa_family_fwd(torch, fa, device) -> None:
@@ -467,6 +481,161 @@ def _fa_family_kvcache(torch, fa, device) -> None:
     fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
 
 
+# ---- FlashInfer ----------------------------------------------------------------------------------------
+# The AOT wheel runs with JIT and downloads off and the CUDA norm (not CuTe DSL); set before the import
+# where unset. FlashInfer reads any non-empty FLASHINFER_DISABLE_JIT as 'off': set it empty to allow JIT.
+FLASHINFER_ENV = {"FLASHINFER_DISABLE_JIT": "1", "FLASHINFER_NO_DOWNLOAD": "1", "FLASHINFER_USE_CUDA_NORM": "1"}
+FI_WORKSPACE_BYTES = 128 << 20
+KV_ITEMSIZE = {"bf16": 2, "fp8_e4m3": 1}
+
+
+@dataclass(frozen=True)
+class FlashInferCase:
+    """A serving shape: bf16 queries, NHD layout, GQA 32/8, head dim 128 unless given.
+
+    decode: ``batch`` sequences of ``seqlen`` cached tokens, paged KV (shuffled pages), KV in ``kv_dtype``;
+    prefill: ``batch`` ragged requests of ``seqlen`` new tokens each (qo_len == kv_len), causal, fa2.
+    """
+
+    kernel: str            # decode, prefill
+    batch: int
+    seqlen: int
+    kv_dtype: str = "bf16"
+    heads: int = 32
+    heads_k: int = 8
+    headdim: int = 128
+    page_size: int = 16
+
+    @property
+    def name(self) -> str:
+        heads = f"h{self.heads}" if self.heads == self.heads_k else f"gqa{self.heads}/{self.heads_k}"
+        if self.kernel == "decode":
+            return (f"flashinfer decode paged b{self.batch} {heads} kv{self.seqlen} d{self.headdim} "
+                    f"page{self.page_size} {self.kv_dtype} kv")
+        return f"flashinfer prefill ragged causal {self.batch}x{self.seqlen} {heads} d{self.headdim} bf16 fa2"
+
+    @property
+    def metric(self) -> str:
+        return "gbps" if self.kernel == "decode" else "tflops"
+
+    @property
+    def pages(self) -> int:
+        return self.batch * math.ceil(self.seqlen / self.page_size)
+
+    def work(self) -> float:
+        if self.kernel == "decode":
+            return kv_cache_bytes(self.batch, self.seqlen, self.heads_k, self.headdim, KV_ITEMSIZE[self.kv_dtype])
+        per_request = attention_flops(1, self.heads, self.seqlen, self.seqlen, self.headdim, causal=True)
+        return self.batch * per_request
+
+    def set_bytes(self) -> int:
+        """Bytes of one input set: decode q, out and the paged cache; prefill q, k, v, out."""
+        if self.kernel == "decode":
+            cache = self.pages * 2 * self.page_size * self.heads_k * self.headdim * KV_ITEMSIZE[self.kv_dtype]
+            return cache + 2 * self.batch * self.heads * self.headdim * 2
+        tokens = self.batch * self.seqlen
+        return 2 * tokens * (self.heads + self.heads_k) * self.headdim * 2
+
+    def shape(self) -> dict:
+        return {"batch": self.batch, "heads": self.heads, "heads_k": self.heads_k,
+                "seqlen_q": 1 if self.kernel == "decode" else self.seqlen, "seqlen_k": self.seqlen,
+                "headdim": self.headdim, "causal": self.kernel == "prefill", "dtype": "bf16",
+                "kv_dtype": self.kv_dtype, "layout": f"paged{self.page_size}" if self.kernel == "decode" else "ragged"}
+
+    def reference_case(self) -> AttnCase | None:
+        """The same total work as one SDPA call (equal-length requests batch up); decode has none."""
+        if self.kernel != "prefill":
+            return None
+        return AttnCase("prefill", self.batch, self.heads, self.heads_k, self.seqlen, self.seqlen,
+                        self.headdim, True)
+
+
+def flashinfer_cases(sizes: Sizes) -> list[FlashInferCase]:
+    """Decode over a paged cache (bf16 and fp8 KV) and ragged causal prefill, GQA 32/8, d=128."""
+    if sizes.tiny:
+        small = {"heads": 4, "heads_k": 2, "headdim": 64}
+        return [FlashInferCase("decode", 2, 64, **small), FlashInferCase("decode", 2, 64, "fp8_e4m3", **small),
+                FlashInferCase("prefill", 2, 64, **small)]
+    decode = [(8, 16384), (64, 4096)]
+    cases = [FlashInferCase("decode", b, kv) for b, kv in decode]
+    cases += [FlashInferCase("decode", b, kv, "fp8_e4m3") for b, kv in decode[1 if sizes.quick else 0:]]
+    prefill = [(4, 2048)] + ([] if sizes.quick else [(1, 8192)])
+    return cases + [FlashInferCase("prefill", n, s) for n, s in prefill]
+
+
+def _flashinfer_fns(ctx: BenchContext, fi, case: FlashInferCase) -> list[Callable[[], Any]]:
+    """Plan once (every input set shares the page table / indptr), then time ``run`` alone."""
+    torch, c, dev = ctx.torch, case, ctx.device
+    dt = torch.bfloat16
+    ws = torch.empty(FI_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    if c.kernel == "decode":
+        kv_dt = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}[c.kv_dtype]
+        per_seq = c.pages // c.batch
+        gen = torch.Generator(device=dev).manual_seed(0)
+        indices = torch.randperm(c.pages, generator=gen, device=dev).int()
+        indptr = torch.arange(c.batch + 1, dtype=torch.int32, device=dev) * per_seq
+        last = torch.full((c.batch,), c.seqlen - (per_seq - 1) * c.page_size, dtype=torch.int32, device=dev)
+        wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        wrapper.plan(indptr, indices, last, c.heads, c.heads_k, c.headdim, c.page_size,
+                     q_data_type=dt, kv_data_type=kv_dt)
+
+        def make(seed: int):
+            q = ctx.randn((c.batch, c.heads, c.headdim), dt, 2 * seed)
+            cache = ctx.randn((c.pages, 2, c.page_size, c.heads_k, c.headdim), kv_dt, 2 * seed + 1)
+            return q, cache
+    else:
+        indptr = torch.arange(c.batch + 1, dtype=torch.int32, device=dev) * c.seqlen
+        wrapper = fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa2")
+        wrapper.plan(indptr, indptr, c.heads, c.heads_k, c.headdim, causal=True, q_data_type=dt)
+
+        def make(seed: int):
+            n = c.batch * c.seqlen
+            return (ctx.randn((n, c.heads, c.headdim), dt, 3 * seed),
+                    ctx.randn((n, c.heads_k, c.headdim), dt, 3 * seed + 1),
+                    ctx.randn((n, c.heads_k, c.headdim), dt, 3 * seed + 2))
+
+    sets = ctx.sets(make, c.set_bytes())
+    return [lambda s=s: wrapper.run(*s) for s in sets]
+
+
+def run_flashinfer(ctx: BenchContext, fi, record: Callable[[dict], None]) -> None:
+    def reference(case: FlashInferCase) -> dict | None:
+        ref_case = case.reference_case()
+        return _sdpa_reference(ctx, ref_case) if ref_case else None
+
+    _run_cases(ctx, "flashinfer", flashinfer_cases(ctx.sizes), lambda c: _flashinfer_fns(ctx, fi, c),
+               reference, record)
+
+
+def _fi_family_decode(torch, fi, device) -> None:
+    cache = torch.randn(8, 2, 16, 2, 128, device=device, dtype=torch.bfloat16)
+    indptr = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    pages = torch.arange(8, dtype=torch.int32, device=device)
+    last = torch.tensor([5, 16], dtype=torch.int32, device=device)
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device), "NHD")
+    wrapper.plan(indptr, pages, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    wrapper.run(torch.randn(2, 8, 128, device=device, dtype=torch.bfloat16), cache)
+
+
+def _fi_family_prefill(torch, fi, device) -> None:
+    q = torch.randn(128, 8, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(128, 2, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    indptr = torch.tensor([0, 100, 128], dtype=torch.int32, device=device)
+    ws = torch.empty(16 << 20, dtype=torch.uint8, device=device)
+    wrapper = fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa2")
+    wrapper.plan(indptr, indptr, 8, 2, 128, causal=True, q_data_type=torch.bfloat16)
+    wrapper.run(q, k, v)
+
+
+def _fi_family_norm(torch, fi, device) -> None:
+    x = torch.randn(64, 4096, device=device, dtype=torch.bfloat16)
+    fi.norm.rmsnorm(x, torch.randn(4096, device=device, dtype=torch.bfloat16), eps=1e-6)
+
+
+def _fi_family_activation(torch, fi, device) -> None:
+    fi.activation.silu_and_mul(torch.randn(64, 2 * 2048, device=device, dtype=torch.bfloat16))
+
+
 # ---- first launch: a fresh process per kernel family -----------------------------------------------
 def first_launch_child(package: str, family: str, device_name: str) -> int:
     """Runs in the subprocess: print one JSON line of timings (seconds)."""
@@ -478,6 +647,7 @@ def first_launch_child(package: str, family: str, device_name: str) -> int:
     _sync(torch, device)
     t_ready = time.perf_counter()
     bench = BENCHMARKS[package]
+    bench.apply_env()
     module = importlib.import_module(bench.import_name)
     t_import = time.perf_counter()
     bench.families[family](torch, module, device)
@@ -556,7 +726,8 @@ def environment(torch, device, packages: list[str]) -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "machine": platform.machine(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "driver": _driver_version() if device.type == "cuda" else None,
-           "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING")}}
+           "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING",
+                                                  *(k for p in packages for k in BENCHMARKS[p].env))}}
     dists = ["torch", "triton"] + [BENCHMARKS[p].distribution for p in packages]
     env["packages"] = {d: _distribution_version(d) for d in dists}
     if device.type == "cuda":
@@ -667,6 +838,11 @@ def run(args) -> int:
     unknown = [p for p in args.packages if p not in BENCHMARKS]
     if unknown:
         raise UsageError(f"no benchmark for {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    gpu_only = [p for p in args.packages if BENCHMARKS[p].gpu_only]
+    if gpu_only and not args.device.startswith("cuda"):
+        raise UsageError(f"{', '.join(gpu_only)} runs only on a CUDA GPU, not on --device {args.device}")
+    for name in args.packages:
+        BENCHMARKS[name].apply_env()
     manifests = [load_manifest(p) for p in find_manifests(args.manifest, args.wheelhouse)]
     try:
         import torch
@@ -729,6 +905,12 @@ BENCHMARKS["flash_attn"] = PackageBench(
     import_name="flash_attn", distribution="flash-attn", run=run_flash_attn,
     families={"fwd": _fa_family_fwd, "bwd": _fa_family_bwd, "varlen": _fa_family_varlen,
               "kvcache": _fa_family_kvcache},
+)
+BENCHMARKS["flashinfer"] = PackageBench(
+    import_name="flashinfer", distribution="flashinfer-python", run=run_flashinfer,
+    families={"decode": _fi_family_decode, "prefill": _fi_family_prefill, "norm": _fi_family_norm,
+              "activation": _fi_family_activation},
+    env=FLASHINFER_ENV, gpu_only=True,
 )
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def _md_kernels(s: dict) -> list[str]:
         if k["error"]:
             rows.append([k["name"], "ERROR", k["error"], "", "", "", ""])
             continue
-        ref = _num(k["reference_ms"], "{:.3f}") if k["reference_ms"] else f"n/a ({k['reference_error']})"
+        ref = (_num(k["reference_ms"], "{:.3f}") if k["reference_ms"]
+               else f"n/a ({k['reference_error']})" if k["reference_error"] else "none")
         if k["reference_note"]:
             ref += f" ({k['reference_note']})"
         rows.append([k["name"], f"{k['median_ms']:.3f}", f"{k['achieved']:.1f} {UNITS[k['metric']]}",
