@@ -119,7 +119,7 @@ wait)
     sleep 30; echo "--- $((SECONDS / 60)) min"; for f in /tmp/bench-build.log /tmp/fi.log /tmp/repro.log; do
       grep -E "units|modules|FI-|built|reused|error|Error" $f 2>/dev/null | tail -1; done
   done
-  tail -4 /tmp/bench-build.log /tmp/fi.log /tmp/repro.log ;;
+  tail -n 4 /tmp/bench-build.log /tmp/fi.log /tmp/repro.log ;;
 collect)
   cp /tmp/bench-build.log /tmp/fi.log /tmp/repro.log "$RES/" 2>/dev/null
   mkdir -p "$RES/logs"; cp build/logs/*.log build/bench-build/*/*.log "$RES/logs/" 2>/dev/null
