@@ -170,3 +170,24 @@ def test_memory_sampler_keeps_the_peak_of_its_measure():
     sampler.start()
     time.sleep(0.2)
     assert sampler.stop() == 40
+
+
+def test_a_thread_pinned_to_part_of_the_machine_measures_its_own_processes():
+    import threading
+
+    from blackwheel.progress import pinned_measure
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: no part of the machine to pin to")
+    assert pinned_measure() is None                       # the whole machine: machine-wide figure
+    seen = {}
+
+    def pinned():
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        measure = pinned_measure()
+        seen["bytes"] = measure() if measure else None
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join()
+    assert seen["bytes"] is not None and seen["bytes"] >= 0

@@ -17,8 +17,8 @@ Both runs compile the same patched sources from separate extractions, cold:
 taken evenly from slowest to fastest, then in setup.py's order), for machines whose time does not
 allow full builds; a subset build stops at the link. ``--cores C`` pins each run to C CPUs;
 with ``--together`` upstream and ours run at the same time on two disjoint sets of C CPUs, so
-both see the same machine. Peak memory is then counted per run (the resident memory of the
-processes on that run's CPUs), otherwise machine-wide. ``--ours-only`` skips upstream's command
+both see the same machine. A run pinned to part of the machine counts its own peak memory (the
+resident memory of the processes on its CPUs, ``progress.pinned_measure``), otherwise machine-wide. ``--ours-only`` skips upstream's command
 (FlashInfer's own AOT entry point builds its full list, hours, not a kernel set).
 """
 
@@ -42,7 +42,7 @@ from .errors import UsageError
 from .fsutil import atomic_write_json, atomic_write_text
 from .jobs import GIB, machine_resources
 from .ninja import SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile, read_ninja_log, unit_key, write_ninja_shim
-from .progress import affinity_rss, run_logged
+from .progress import run_logged
 from .recipe import load_recipe, load_stack
 from .targets import resolve_target
 
@@ -97,12 +97,20 @@ def cpu_sets(available: list[int], cores: int, together: bool) -> tuple[frozense
 SOURCE_SUFFIXES = (".cu", ".cpp", ".cc", ".c")
 
 
-def _source_of(tree: Path, unit: str) -> Path | None:
-    """The one source file under ``tree`` that compile unit ``unit`` comes from: ``x.o`` from
-    ``.../x.cu`` (torch extensions), ``csrc_norm.cuda.o`` from ``csrc/norm.cu`` (FlashInfer)."""
-    stem = unit_key(unit).removesuffix(".o").removesuffix(".cuda")
-    found = [p for p in tree.rglob("*") if p.suffix in SOURCE_SUFFIXES
-             and stem in (p.stem, p.relative_to(tree).with_suffix("").as_posix().replace("/", "_"))]
+def _sources_by_stem(tree: Path) -> dict[str, list[Path]]:
+    """The tree's sources under the names their objects get: ``x`` for ``.../x.cu`` (torch
+    extensions: ``x.o``) and ``csrc_norm`` for ``csrc/norm.cu`` (FlashInfer: ``csrc_norm.cuda.o``)."""
+    index: dict[str, list[Path]] = {}
+    for p in tree.rglob("*"):
+        if p.suffix in SOURCE_SUFFIXES:
+            for stem in {p.stem, p.relative_to(tree).with_suffix("").as_posix().replace("/", "_")}:
+                index.setdefault(stem, []).append(p)
+    return index
+
+
+def _source_of(index: dict[str, list[Path]], unit: str) -> Path | None:
+    """The one source compile unit ``unit`` comes from, or None (none, or several alike)."""
+    found = index.get(unit_key(unit).removesuffix(".o").removesuffix(".cuda"), [])
     return found[0] if len(found) == 1 else None
 
 
@@ -111,7 +119,7 @@ def touch_unit(tree: Path, unit: str) -> Path:
 
     The change must survive preprocessing (a comment would not), or the cache would hit.
     """
-    source = _source_of(tree, unit)
+    source = _source_of(_sources_by_stem(tree), unit)
     if source is None:
         raise UsageError(f"unit {unit}: no single source named like it under {tree}")
     with source.open("a") as f:
@@ -130,8 +138,9 @@ def unit_to_touch(unit_seconds: dict[str, float], tree: Path) -> str:
     units = [u for u in unit_seconds if u.endswith(".o")]          # not the links
     ranked = sorted(units, key=lambda u: unit_seconds[u])
     median = unit_seconds[ranked[len(ranked) // 2]] if ranked else 0.0
+    index = _sources_by_stem(tree)
     for unit in sorted(ranked, key=lambda u: abs(unit_seconds[u] - median)):
-        if _source_of(tree, unit) is not None:
+        if _source_of(index, unit) is not None:
             return unit
     raise UsageError(f"no compile unit of this build has a single source file under {tree} to touch")
 
@@ -149,11 +158,10 @@ class Run:
     """One build of the benchmark: its tree, environment, CPUs; ``go`` runs it and keeps the numbers."""
 
     def __init__(self, label: str, req: BuildRequest, work: Path, cpus: frozenset[int] | None,
-                 units: list[str], per_run_memory: bool):
+                 units: list[str]):
         # FlashInfer keeps its module folder under the request's workdir: one per run folder
         req = replace(req, workdir=work)
         self.label, self.req, self.work, self.cpus, self.units = label, req, work, cpus, units
-        self.per_run_memory = per_run_memory
         self.result: dict | None = None
         self.error: BaseException | None = None
         self.tree: Path | None = None
@@ -175,14 +183,13 @@ class Run:
         if self.units:
             env[SHIM_ONLY_ENV] = ",".join(self.units)
         tree = next(p for p in (work / "src").iterdir() if p.is_dir())
-        memory = (lambda: affinity_rss(self.cpus)) if self.per_run_memory and self.cpus else None
         before = unit_times(req, work)
-        try:
+        try:   # on a pinned thread the builder's memory sampler counts only this run's processes
             if req.recipe.builder == "pip-wheel":
                 result = run_logged(pip_wheel_command(req, tree, work / "dist"), tree, env, work / f"{self.label}.log",
                                     f"{self.label}: {req.recipe.name}", req.recipe.expect.get("compile-units"),
-                                    req.live, memory=memory)
-            else:   # its own builder (FlashInfer AOT); a pinned thread measures its own CPUs' memory
+                                    req.live)
+            else:   # its own builder (FlashInfer AOT)
                 result = BUILDERS[req.recipe.builder](req, tree, env, work / "dist", work / f"{self.label}.log")
         finally:
             stats = cache.finish() if cache else None
@@ -204,13 +211,13 @@ class Run:
                 "cache": stats, "log": str(result.log)}
 
 
-def _ours(req: BuildRequest, toolchain, run: Run, cores: int, cache_dir: Path, touch: str | None = None):
-    """Our build: planned jobs, sccache on ``cache_dir``, the longest-first stand-in."""
-    def prepare():
+def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | None = None):
+    """Our build: jobs planned for the run's CPUs, sccache on ``cache_dir``, the longest-first stand-in."""
+    def prepare():   # called on the run's pinned thread: the planner sees its CPUs only
         prepared = prepare_tree(req, run.work / "src")
         if touch:
             touch_unit(prepared.tree, touch)
-        plan = job_plan(req, cores=cores)
+        plan = job_plan(req)
         env = build_environment(req, toolchain, prepared, plan)
         env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan,
                                          CacheConfig(kind="local", directory=cache_dir))
@@ -218,16 +225,17 @@ def _ours(req: BuildRequest, toolchain, run: Run, cores: int, cache_dir: Path, t
     return prepare
 
 
-def _upstream(req: BuildRequest, toolchain, run: Run, share: int | None):
+def _upstream(req: BuildRequest, toolchain, run: Run):
     """Upstream's command with its own defaults (see ``UPSTREAM_DEFAULT_JOBS`` for a CPU share)."""
-    def prepare():
+    def prepare():   # called on the run's pinned thread
         prepared = prepare_tree(req, run.work / "src")
         env = build_environment(req, toolchain, prepared, job_plan(req))
         env = {k: v for k, v in env.items() if k not in UPSTREAM_UNSET}
         env["TORCH_NO_COMPILER_WRAPPER"] = "1"   # no compiler cache, not even a ccache torch finds on PATH
         formula = UPSTREAM_DEFAULT_JOBS.get(req.recipe.name)
-        if share and formula:
-            env["MAX_JOBS"] = str(formula(share, machine_resources()[1] / GIB))
+        if run.cpus and formula:
+            cores, avail = machine_resources()
+            env["MAX_JOBS"] = str(formula(cores, avail / GIB))
         return env, None
     return prepare
 
@@ -257,25 +265,24 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     subset = pick_units(profile, units) if units else []
     mine = sorted(os.sched_getaffinity(0))
     up_cpus, our_cpus = cpu_sets(mine, cores, together) if cores else (None, None)
-    share = cores or len(mine)
     req.fetcher.fetch(req.version.sdist)   # once, before runs that extract it at the same time
     root = req.workdir / "bench-build"
     shutil.rmtree(root, ignore_errors=True)
     cache_dir = root / "sccache"
-    theirs = Run("upstream", req, root / "upstream", up_cpus, subset, together)
-    ours = Run("ours", req, root / "ours", our_cpus, subset, together)
+    theirs = Run("upstream", req, root / "upstream", up_cpus, subset)
+    ours = Run("ours", req, root / "ours", our_cpus, subset)
     # apart: upstream first, so any warmth of the machine (page cache) favours upstream
-    _start(([(theirs, _upstream(req, toolchain, theirs, cores))] if upstream else [])
-           + [(ours, _ours(req, toolchain, ours, share, cache_dir))], together)
+    _start(([(theirs, _upstream(req, toolchain, theirs))] if upstream else [])
+           + [(ours, _ours(req, toolchain, ours, cache_dir))], together)
     runs = {"upstream": theirs.result if upstream else None, "ours": ours.result}
     result = _summary(req, runs, subset, cores, together, mine, our_cpus, upstream)
     if touch:
         save(result)
         touched_unit = unit_to_touch(ours.result["unit_seconds"], ours.tree)
-        again = Run("ours-touched", req, root / "ours", our_cpus, subset, together)
+        again = Run("ours-touched", req, root / "ours", our_cpus, subset)
         shutil.rmtree(again.work / "ninja-logs", ignore_errors=True)
         # the same path as the cold run: sccache hits only for sources at the same path
-        _start([(again, _ours(req, toolchain, again, share, cache_dir, touch=touched_unit))], False)
+        _start([(again, _ours(req, toolchain, again, cache_dir, touch=touched_unit))], False)
         runs["ours_touched"] = again.result
         result["touched_unit"] = touched_unit
         result["ratio_touched_to_cold"] = round(again.result["wall_s"] / ours.result["wall_s"], 3)
@@ -284,7 +291,8 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
 
 def _summary(req: BuildRequest, runs: dict, subset: list[str], cores: int | None, together: bool,
              mine: list[int], our_cpus, upstream: bool) -> dict:
-    cores_used, avail = len(our_cpus) if our_cpus else machine_resources()[0], machine_resources()[1]
+    cores, avail = machine_resources()
+    cores_used = len(our_cpus) if our_cpus else cores
     ours = runs["ours"]
     prof = build_profile(ours["unit_seconds"], ours["wall_s"], cores_used, int(ours["peak_mem_gib"] * GIB),
                          ours["cache"])
@@ -292,19 +300,11 @@ def _summary(req: BuildRequest, runs: dict, subset: list[str], cores: int | None
     return {"package": req.recipe.name, "version": req.version.version, "target": req.target.name,
             "kernel_set": req.kernel_set,
             "machine": {"cores": os.cpu_count(), "bench_cpus": len(mine), "available_gib": round(avail / GIB, 1), "host": os.uname().nodename,
-                        "memory_total_gib": round(_mem_total() / GIB, 1)},
+                        "memory_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)},
             "cores_per_run": cores, "together": together, "subset": subset or "all units", "runs": runs,
             "ratio_ours_to_upstream": round(ours["wall_s"] / runs["upstream"]["wall_s"], 3) if upstream else None,
             "limit_s": limit, "ours_over_limit": round(ours["wall_s"] / limit, 3) if limit else None,
             "profile": prof, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def render(result: dict) -> str:

@@ -115,12 +115,11 @@ def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -
 
 
 # ---- environment ---------------------------------------------------------------------------------
-def job_plan(req: BuildRequest, cores: int | None = None):
-    """Jobs and nvcc threads for this machine (or ``cores`` of it) and its free memory."""
+def job_plan(req: BuildRequest):
+    """Jobs and nvcc threads for the CPUs this thread may use and the free memory."""
     from .jobs import machine_resources, plan_jobs
 
-    found, avail = machine_resources()
-    cores = min(cores or found, found)
+    cores, avail = machine_resources()
     unit_gib = float(req.recipe.expect.get("unit-memory-gib", 2.0))
     archs = req.recipe.arch.archs_for(req.target)
     plan = plan_jobs(cores, avail, int(unit_gib * 2**30), arch_count=len(archs))

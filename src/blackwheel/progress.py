@@ -55,10 +55,10 @@ def affinity_rss(cpus: frozenset[int]) -> int:
 
 
 def pinned_measure():
-    """``affinity_rss`` of this process's CPUs when it is pinned to part of the machine, else None.
+    """``affinity_rss`` of the calling thread's CPUs when they are part of the machine, else None.
 
-    A build started with ``taskset`` on a share of the CPUs is one build among others: its peak is
-    its own processes' memory, not the machine's."""
+    A build started on a share of the CPUs (``taskset``, or a thread pinned by bench_build) is one
+    build among others: its peak is its own processes' memory, not the machine's."""
     try:
         import psutil  # noqa: F401  (in the build extra; without it, the machine-wide figure)
         mine = frozenset(os.sched_getaffinity(0))
@@ -169,13 +169,11 @@ def first_error(log: Path) -> str | None:
 
 
 def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label: str,
-               expected_units: int | None = None, live: bool | None = None, memory=None) -> RunResult:
-    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal.
-
-    ``memory``: how to measure the build's memory (default: in use on the machine, above the start)."""
+               expected_units: int | None = None, live: bool | None = None) -> RunResult:
+    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal."""
     log.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(label, expected_units, live)
-    sampler = MemorySampler(measure=memory)
+    sampler = MemorySampler()
     sampler.start()
     start = time.monotonic()
     units: list[str] = []
