@@ -86,6 +86,13 @@ def fetch(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def bundle(session: nox.Session) -> None:
+    """Every pinned source of a stack and target in one file: nox -s bundle -- --target gb10 -o FILE."""
+    session.install("-e", ".")
+    session.run("blackwheel", "bundle", *session.posargs)
+
+
+@nox.session(default=False)
 def patches(session: nox.Session) -> None:
     """Check that every patch of every stack applies to its pinned source."""
     session.install("-e", ".")

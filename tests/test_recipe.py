@@ -170,7 +170,10 @@ def test_bad_toml_is_one_line(tree):
      "needs a full 40-hex commit"),
     (f'{{ name = "r", git = "https://github.com/o/r", commit = "{COMMIT.upper()}", sha256 = "{SHA}" }}',
      "needs a full 40-hex commit"),
-    (f'{{ name = "r", git = "https://github.com/o/r", commit = "{COMMIT}" }}', "'r' has no sha256 pin"),
+    (f'{{ name = "r", git = "https://github.com/o/r", commit = "{COMMIT}", sha256 = "abc" }}', "'r' has no sha256 pin"),
+    (f'{{ name = "r", url = "https://x.invalid/r.tgz", sha256 = "{SHA}", optional = true }}', "optional ="),
+    (f'{{ name = "r", url = "https://x.invalid/r.tgz", sha256 = "{SHA}", when = {{ archs = ["12.1q"] }} }}',
+     "12.1q"),
     ('{ name = "r", url = "https://example.invalid/r.tar.gz", sha256 = "abc" }', "'r' has no sha256 pin"),
     (f'{{ name = "r", url = "https://example.invalid/r.tar.gz", sha256 = "{SHA.upper()}" }}', "no sha256 pin"),
     (f'{{ name = "r", sha256 = "{SHA}" }}', "needs one of pypi, git, url"),
@@ -183,12 +186,21 @@ def test_bad_resources(tree, resource, match):
         load_recipe("pkg")
 
 
-def test_resource_may_say_unavailable_but_the_sdist_may_not(tree):
-    res = '{ name = "r", url = "https://x.invalid/r.tgz", sha256 = "unavailable: no snapshot" }'
+def test_git_resource_is_pinned_by_its_commit_alone(tree):
+    res = f'{{ name = "r", git = "https://github.com/o/r", commit = "{COMMIT}" }}'
     write_recipe(tree, "pkg", recipe_toml(extra_version=f"resources = [{res}]\n"))
     (r,) = load_recipe("pkg").version("1.0").resources
-    assert r.sha256.startswith("unavailable") and r.role == "resource"
-    write_recipe(tree, "pkg", recipe_toml(sdist='{ pypi = "pkg", sha256 = "unavailable: later" }'))
+    assert r.sha256 == "" and r.pinned and r.commit == COMMIT
+
+
+def test_resource_may_say_unpinned_but_the_sdist_may_not(tree):
+    res = ('{ name = "r", url = "https://x.invalid/r.tgz", sha256 = "unpinned: upstream pins a tag", '
+           'optional = "the wheel lacks r" }')
+    write_recipe(tree, "pkg", recipe_toml(extra_version=f"resources = [{res}]\n"))
+    (r,) = load_recipe("pkg").version("1.0").resources
+    assert r.sha256.startswith("unpinned") and r.role == "resource" and not r.pinned
+    assert r.optional == "the wheel lacks r"
+    write_recipe(tree, "pkg", recipe_toml(sdist='{ pypi = "pkg", sha256 = "unpinned: later" }'))
     with pytest.raises(RecipeError, match="sdist of 'pkg' must have a sha256 pin"):
         load_recipe("pkg")
 
@@ -359,3 +371,18 @@ def test_git_submodules_as_a_list_of_paths(tree):
     write_recipe(tree, "pkg", recipe_toml(extra_version=f"resources = [{res}]\n"))
     (r,) = load_recipe("pkg").version("1.0").resources
     assert r.submodules is True and r.submodule_paths == ("csrc/cutlass",)
+
+
+@pytest.mark.parametrize("archs, target, holds", [
+    (["9.0a", "10.0f"], "hopper", True),       # FlashMLA: 9.0a serves exactly 9.0
+    (["9.0a", "10.0f"], "gb10", False),
+    (["10.0f"], "blackwell", False),           # MSA: no 12.x target
+    (["12.0f"], "gb10", True),                 # a family entry serves 12.1a
+    (["12.0f"], "sm120", True),
+])
+def test_condition_archs_follows_the_loose_intersection(archs, target, holds):
+    from blackwheel.targets import parse_arch_list
+    cond = Condition.from_toml({"archs": archs}, "t")
+    target_archs = {"hopper": "9.0a", "gb10": "12.1a", "blackwell": "12.0f;12.1a", "sm120": "12.0f"}[target]
+    assert cond.holds(TARGETS[target], "2.11.0", parse_arch_list(target_archs)) is holds
+    assert "an arch served by" in str(cond)

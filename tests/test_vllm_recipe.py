@@ -43,21 +43,38 @@ def test_versions_newest_first_with_pins_and_gcc():
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_resource_is_pinned_or_says_why_not(version):
     for r in RECIPE.version(version).resources:
-        assert HEX64.match(r.sha256) or re.match(r"^unavailable: \S.{10,}", r.sha256), r.name
+        assert r.pinned or re.match(r"^unpinned: \S.{10,}", r.sha256), r.name
         assert r.env and r.env.isupper(), r.name
         assert r.defined_in and r.defined_in.split(":")[0].endswith((".txt", ".cmake")), r.name
 
 
-def test_0_25_1_resources_needed_for_blackwell_have_a_tree_hash():
-    """Everything a 12.x build of 0.25.1 configures from (patch 0003 drops FlashMLA and MSA) is
-    pinned, or at least hashed as the mirror holds it, with the missing files named."""
-    needed = {"cutlass", "vllm-flash-attn", "deepgemm", "qutlass"}
-    for r in raw_version("0.25.1")["resources"]:
-        if r["name"] in needed:
-            assert HEX64.match(r["sha256"]) or (
-                HEX64.match(r["available-tree-sha256"]) and r["available-lacks"]), r["name"]
-            needed.discard(r["name"])
-    assert needed == set()
+# What each named target fetches (patch 0003 skips FlashMLA below 9.0a/10.x and MSA below 10.x).
+NEEDED_0_25_1 = {
+    "gb10": {"vllm", "cutlass", "vllm-flash-attn", "deepgemm", "qutlass", "triton_kernels"},
+    "sm120": {"vllm", "cutlass", "vllm-flash-attn", "deepgemm", "qutlass", "triton_kernels"},
+    "blackwell": {"vllm", "cutlass", "vllm-flash-attn", "deepgemm", "qutlass", "triton_kernels"},
+    "hopper": {"vllm", "cutlass", "vllm-flash-attn", "deepgemm", "qutlass", "triton_kernels", "flashmla"},
+}
+
+
+@pytest.mark.parametrize("target", sorted(NEEDED_0_25_1))
+def test_0_25_1_fetches_what_the_target_uses_and_all_of_it_is_pinned(target):
+    sources = RECIPE.sources_for("0.25.1", TARGETS[target], "2.11.0")
+    assert {s.name for s in sources} == NEEDED_0_25_1[target]
+    for s in sources:   # every needed pin is fetchable; only an optional resource may lack one
+        assert s.pinned or s.optional, s.name
+    assert [s.name for s in sources if s.optional] == ["triton_kernels"]
+
+
+def test_when_archs_agrees_with_patch_0003_in_the_recorded_configure_logs():
+    """The recipe's `when` and the patched CMake skip the same projects (logs of real configures)."""
+    fixtures = Path(__file__).parent / "fixtures" / "vllm_plan"
+    for log, target in (("0.25.1-patched-gb10.log", "gb10"), ("0.25.1-patched-hopper.log", "hopper"),
+                        ("0.25.1-patched-blackwell.log", "blackwell")):
+        text = (fixtures / log).read_text()
+        fetched = {s.name for s in RECIPE.sources_for("0.25.1", TARGETS[target], "2.11.0")}
+        assert ("FlashMLA skipped:" in text) == ("flashmla" not in fetched), log
+        assert ("fmha_sm100 skipped:" in text) == ("fmha_sm100" not in fetched), log
 
 
 def test_arch_lists_give_every_device_native_code():
@@ -220,14 +237,13 @@ def test_tree_hashes_reproduce_from_the_mirror(version):
     mirror = Path(os.environ.get("BLACKWHEEL_MIRROR", Path.home() / ".cache/blackwheel/mirror"))
     checked = 0
     for r in raw_version(version)["resources"]:
-        want = r["sha256"] if HEX64.match(r["sha256"]) else r.get("available-tree-sha256")
-        if "git" not in r or not want:
-            continue
+        want = r.get("sha256", "")
+        if "git" not in r or not HEX64.match(want):
+            continue                                   # pinned by commit alone: nothing to recompute
         subs = r.get("submodules", False)
-        if any("lacks the contents" not in m for m in lacking(mirror, r["git"], r["commit"], subs)):
-            continue                                   # repository or commit not in this mirror
-        partial = not HEX64.match(r["sha256"])
-        assert pin_tree_sha256(mirror, r["git"], r["commit"], subs, allow_missing_files=partial) == want, r["name"]
+        if lacking(mirror, r["git"], r["commit"], subs):
+            continue                                   # repository, commit or contents not in this mirror
+        assert pin_tree_sha256(mirror, r["git"], r["commit"], subs) == want, r["name"]
         checked += 1
     if not checked:
         pytest.skip(f"no pinned resource of {version} in the mirror {mirror}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import toolchain as tc_mod
-from .errors import BuildFailed, StackMismatch, UsageError
+from .errors import BuildFailed, StackMismatch, ToolchainError, UsageError
 from .fsutil import sha256_file
 from .patch import apply_series
 from .progress import run_logged
@@ -71,7 +71,7 @@ def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
         "builder": BUILDER_VERSION,
         "recipe": sha256_file(req.recipe.path),
         "package": req.recipe.name, "version": rv.version,
-        "sources": [s.to_dict() for s in (rv.sdist, *rv.resources_for(req.target, req.stack.torch))],
+        "sources": [s.to_dict() for s in req.recipe.sources_for(rv.version, req.target, req.stack.torch)],
         "patches": [sha256_file(p.file) for p in rv.patches_for(req.target, req.stack.torch)],
         "target": req.target.name, "archs": [a.dotted for a in archs],
         "env": req.recipe.env, "toolchain": toolchain.identity(),
@@ -89,6 +89,8 @@ class PreparedTree:
     tree: Path
     patches: list[dict]
     resource_env: dict[str, str]
+    sources: list[dict] = field(default_factory=list)   # each as fetched and verified (manifest)
+    notes: list[str] = field(default_factory=list)      # optional resources left out, one line each
 
 
 def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -> PreparedTree:
@@ -96,12 +98,22 @@ def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -
 
     ``without`` names patch files left out: upstream as a user would build it (#1969 reproduction)."""
     rv = req.version
+    sdist, *resources = req.recipe.sources_for(rv.version, req.target, req.stack.torch)
+    # every pin is fetched and verified before the tree is touched: a missing source fails here
+    fetched = [(res, *req.fetcher.fetch_optional(res)) for res in resources]
     if dest.exists():
         shutil.rmtree(dest)
-    tree = safe_extract(req.fetcher.fetch(rv.sdist), dest)
+    tree = safe_extract(req.fetcher.fetch(sdist), dest)
     resource_env: dict[str, str] = {}
-    for res in rv.resources_for(req.target, req.stack.torch):
-        path = req.fetcher.fetch(res)
+    records, notes = [req.fetcher.record(sdist)], []
+    for res, path, note in fetched:
+        if path is None:                 # optional and not to be had: an empty folder stands in
+            notes.append(note)
+            print(f"note: {note}", file=sys.stderr)
+            path = _mk(dest.parent / "absent" / res.name)
+            records.append({**res.to_dict(), "absent_optional": note})
+        else:
+            records.append(req.fetcher.record(res))
         if res.dest:
             shutil.copytree(path, tree / res.dest, symlinks=True, dirs_exist_ok=True)
         if res.env:
@@ -111,7 +123,65 @@ def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -
     problems = stack_disagreements(req.stack, req.recipe, tree)
     if problems:
         raise StackMismatch(f"stack {req.stack.name}: {'; '.join(problems)}")
-    return PreparedTree(tree, applied, resource_env)
+    return PreparedTree(tree, applied, resource_env, records, notes)
+
+
+# ---- what the package's own build needs in the build Python ----------------------------------------
+def build_requirements(tree: Path, recipe: Recipe) -> list[str]:
+    """The package's own build requirements: ``build-system.requires`` of its pyproject.toml and
+    the recipe's ``build-requirements-files`` (vLLM: requirements/build/cuda.txt). torch is left out:
+    the toolchain check holds it to the stack's pin."""
+    from .recipe import _requirement_lines
+
+    lines: list[str] = []
+    pyproject = tree / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+        lines += tomllib.loads(pyproject.read_text()).get("build-system", {}).get("requires", [])
+    for rel in recipe.expect.get("build-requirements-files", []):
+        if (tree / rel).is_file():
+            lines += _requirement_lines(tree / rel)
+    from packaging.requirements import InvalidRequirement, Requirement
+    out = []
+    for line in dict.fromkeys(lines):
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.name.lower() != "torch" and (req.marker is None or req.marker.evaluate()):
+            out.append(str(req))
+    return out
+
+
+def unmet_requirements(python: str, requirements: list[str]) -> list[str]:
+    """Each requirement the build Python does not satisfy, as ``req (have X | missing)``."""
+    import subprocess
+    from packaging.requirements import Requirement
+
+    code = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n    try: return m.version(n)\n    except m.PackageNotFoundError: return None\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    reqs = [Requirement(r) for r in requirements]
+    proc = subprocess.run([python, "-c", code, *[r.name for r in reqs]], capture_output=True, text=True)
+    have = json.loads(proc.stdout or "{}")
+    out = []
+    for r in reqs:
+        found = have.get(r.name)
+        if found is None:
+            out.append(f"{r} (missing)")
+        elif r.specifier and not r.specifier.contains(found, prereleases=True):
+            out.append(f"{r} (have {found})")
+    return out
+
+
+def check_build_requirements(req: BuildRequest, tree: Path) -> None:
+    """Refuse, before compiling, a build Python that lacks what the package's own build declares."""
+    unmet = unmet_requirements(req.python, build_requirements(tree, req.recipe))
+    if unmet:
+        wanted = " ".join(shlex.quote(u.split(" (")[0]) for u in unmet)
+        raise ToolchainError(f"{req.recipe.name} {req.version.version}'s build needs, in {req.python}: "
+                             f"{'; '.join(unmet)}: {req.python} -m pip install --upgrade {wanted} "
+                             f"(nox sessions install them)")
 
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -133,7 +203,14 @@ def job_plan(req: BuildRequest):
 def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: PreparedTree,
                       plan) -> dict[str, str]:
     env = tc_mod.build_env(toolchain)
+    user_cmake_args = env.get("CMAKE_ARGS", "")
     env.update(req.recipe.env)
+    if "CMAKE_ARGS" in req.recipe.env:
+        # the recipe's first; the caller's own (CMAKE_ARGS in the environment) and the toolkit
+        # hints after them, so a slim CUDA whose libnvrtc comes from the nvidia wheels still links
+        from .vllm_plan import toolkit_library_hints
+        hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python)
+        env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
     env.update(prepared.resource_env)
     env[req.recipe.arch.knob] = req.recipe.arch.value_for(req.target)
     env.update(plan.env_for(req.recipe.jobs_style))
@@ -312,6 +389,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     work = req.workdir / f"{req.recipe.name}-{rv.version}-{req.target.name}"
     started = time.time()
     prepared = prepare_tree(req, work / "src")
+    check_build_requirements(req, prepared.tree)
     plan = job_plan(req)
     env = build_environment(req, toolchain, prepared, plan)
     print(f"building {req.recipe.name} {rv.version} for {req.target.name} "
@@ -339,7 +417,8 @@ def build_package(req: BuildRequest) -> BuildOutcome:
         "version": wheel.name.split("-")[1], "stack": req.stack.name,
         "target": req.target.name, "target_devices": [str(cc) for cc in req.target.devices],
         "build_key": key, "inputs": inputs,
-        "sources": inputs["sources"], "patches": prepared.patches, "toolchain": toolchain.to_dict(),
+        "sources": prepared.sources, "patches": prepared.patches, "toolchain": toolchain.to_dict(),
+        **({"notes": prepared.notes} if prepared.notes else {}),
         "arch": {"knob": req.recipe.arch.knob, "value": env[req.recipe.arch.knob],
                  "archs": inputs["archs"]},
         "env": {k: env[k] for k in sorted(req.recipe.env)},

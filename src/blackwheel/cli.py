@@ -19,6 +19,7 @@ COMMANDS = {
     "build-all": ("build", "build every package of a stack, in dependency order"),
     "plan": ("build", "show the arch flags a build would use, compiling nothing"),
     "fetch": ("sources", "fetch and verify every source of a stack"),
+    "bundle": ("bundle", "write every pinned source of a stack and target into one file (air-gapped hosts)"),
     "patches": ("patch", "check every patch of every stack against its pinned source"),
     "inspect": ("inspect", "list the cubins and PTX inside wheels, .so and .o files"),
     "verify": ("verify", "fail unless every CUDA object runs natively on the target's devices"),

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,33 @@ def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(root: str | os.PathLike) -> str:
+    """Content hash of a source tree, independent of git and of file times.
+
+    sha256 over sorted lines ``<kind> <path>\\0<digest>\\n`` where kind is ``f`` (file), ``x``
+    (executable file) or ``l`` (symlink, digest = link target); ``.git`` entries are skipped, empty
+    folders do not count.
+    """
+    root = Path(root)
+    entries: list[bytes] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                entries.append(f"l {rel}\0{os.readlink(path)}\n".encode())
+            elif stat.S_ISREG(st.st_mode) and name != ".git":
+                kind = "x" if st.st_mode & 0o111 else "f"
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                entries.append(f"{kind} {rel}\0{digest}\n".encode())
+    h = hashlib.sha256()
+    for line in sorted(entries):
+        h.update(line)
     return h.hexdigest()
 
 

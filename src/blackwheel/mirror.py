@@ -1,8 +1,14 @@
-"""The offline mirror's git side: seed it from local snapshots, check it, check trees out of it.
+"""Git stores: where a pinned commit's objects are found, what they lack, and checkouts from them.
 
-Layout (shared with ``sources``): ``DIR/git/<host>/<owner>/<repo>.git``, bare repositories made
-with ``git clone --mirror``, named as upstream names them. A resource pinned with submodules needs
-each submodule's repository in the mirror too, at the commit its parent records.
+A *store* is a bare repository that holds a pinned commit and the objects under it. A ``Resolver``
+maps ``(url, commit)`` to the store that has that commit, or None; ``sources.Fetcher`` builds the
+one resolver every fetch, check and bundle uses, from (in this order) its cache's own stores, a
+source bundle's store and a mirror folder.
+
+Mirror layout: ``DIR/git/<host>/<owner>/<repo>.git``, bare repositories made with
+``git clone --mirror``, named as upstream names them (owner and name matched case-insensitively,
+as GitHub's are). A resource pinned with submodules needs each submodule's commit in some store
+too, at the commit its parent records.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable, Union
 from urllib.parse import urlparse
 
 from .errors import MissingOffline, SourceError, UsageError
+from .fsutil import tree_sha256
+
+Resolver = Callable[[str, str], Union[Path, None]]   # (url, commit) -> a store holding the commit
 
 
 def repo_path(mirror_dir: str | Path, url: str) -> Path:
@@ -46,11 +56,27 @@ def find_repo(mirror_dir: str | Path, url: str) -> Path | None:
     return None
 
 
-def _git(*args: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
+    """Run git; a failure is one line naming the command and git's last word."""
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input)
     if proc.returncode != 0:
-        raise SourceError(f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SourceError(f"git {' '.join(a for a in args[:4] if not a.startswith('-c'))} failed: {last}")
     return proc.stdout
+
+
+
+
+def mirror_resolver(mirror_dir: str | Path) -> Resolver:
+    """The resolver of a mirror folder: ``find_repo``, when that repository has the commit."""
+    def resolve(url: str, commit: str) -> Path | None:
+        repo = find_repo(mirror_dir, url)
+        return repo if repo is not None and has_commit(repo, commit) else None
+    return resolve
+
+
+def _resolver(where: str | Path | Resolver) -> Resolver:
+    return where if callable(where) else mirror_resolver(where)
 
 
 def has_commit(repo: Path, commit: str) -> bool:
@@ -75,7 +101,7 @@ def seed_mirror(mirror_dir: str | Path, snapshots: dict[str, str | Path]) -> lis
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
-            _git("clone", "--quiet", "--mirror", str(snap), str(tmp / "r"))
+            git("clone", "--quiet", "--mirror", str(snap), str(tmp / "r"))
             (tmp / "r").rename(dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +115,7 @@ def missing_blobs(repo: Path, commit: str) -> list[str]:
     A snapshot may list its largest files without holding them; git then checks the tree out
     without those files and says nothing, so a tree hash would silently describe another tree.
     """
-    listing = _git("--git-dir", str(repo), "ls-tree", "-r", "-z", commit)
+    listing = git("--git-dir", str(repo), "ls-tree", "-r", "-z", commit)
     blobs = {}
     for entry in listing.split("\0"):
         meta, _, path = entry.partition("\t")
@@ -103,13 +129,13 @@ def missing_blobs(repo: Path, commit: str) -> list[str]:
 def submodules_at(repo: Path, commit: str) -> dict[str, tuple[str, str]]:
     """``{path: (url, commit)}`` for the submodules a commit records (from .gitmodules + gitlinks)."""
     try:
-        text = _git("--git-dir", str(repo), "show", f"{commit}:.gitmodules")
+        text = git("--git-dir", str(repo), "show", f"{commit}:.gitmodules")
     except SourceError:
         return {}
     with tempfile.NamedTemporaryFile("w", suffix=".gitmodules") as f:
         f.write(text)
         f.flush()
-        cfg = _git("config", "-f", f.name, "--list")
+        cfg = git("config", "-f", f.name, "--list")
     paths, urls = {}, {}
     for line in cfg.splitlines():
         key, _, value = line.partition("=")
@@ -118,7 +144,7 @@ def submodules_at(repo: Path, commit: str) -> dict[str, tuple[str, str]]:
             (paths if kind == "path" else urls)[name] = value
     out = {}
     for name, path in paths.items():
-        tree = _git("--git-dir", str(repo), "ls-tree", commit, "--", path).split()
+        tree = git("--git-dir", str(repo), "ls-tree", commit, "--", path).split()
         if len(tree) >= 3 and tree[1] == "commit":
             out[path] = (urls.get(name, ""), tree[2])
     return out
@@ -136,66 +162,90 @@ def wanted_submodules(spec, recorded: dict[str, tuple[str, str]]) -> dict[str, t
     return {p: recorded[p] for p in spec}
 
 
-def lacking(mirror_dir: str | Path, url: str, commit: str, submodules=False) -> list[str]:
-    """What the mirror lacks for one git pin (submodules included); empty when it has it all."""
-    repo = find_repo(mirror_dir, url)
+def lacking(where: str | Path | Resolver, url: str, commit: str, submodules=False) -> list[str]:
+    """What the stores lack for one git pin (submodules included); empty when they have it all.
+
+    ``where`` is a mirror folder or a ``Resolver``. Commits are checked, and so are file contents:
+    a store may list a file without holding it, and git would then check the tree out without it.
+    """
+    resolve = _resolver(where)
+    repo = resolve(url, commit)
     if repo is None:
-        return [f"{url}: no repository at {repo_path(mirror_dir, url)}"]
-    if not has_commit(repo, commit):
+        if not callable(where) and find_repo(where, url) is None:
+            return [f"{url}: no repository at {repo_path(where, url)}"]
         return [f"{url}: commit {commit} missing"]
     absent = missing_blobs(repo, commit)
     out = [f"{url}@{commit[:12]}: lacks the contents of {len(absent)} file(s): {', '.join(absent[:3])}"] \
         if absent else []
     for path, (sub_url, sub_commit) in wanted_submodules(submodules, submodules_at(repo, commit)).items():
-        out += [f"{url} submodule {path}: {m}" for m in lacking(mirror_dir, sub_url, sub_commit)]
+        out += [f"{url} submodule {path}: {m}" for m in lacking(where, sub_url, sub_commit)]
     return out
 
 
-def missing_resources(mirror_dir: str | Path, sources) -> list[str]:
-    """For a recipe version's git resources (``Source`` objects), what the mirror lacks."""
+def absent_files(where: str | Path | Resolver, url: str, commit: str, submodules=False) -> list[str]:
+    """Paths (submodules' prefixed by their place) whose contents the stores lack."""
+    resolve = _resolver(where)
+    repo = resolve(url, commit)
+    if repo is None:
+        return []
+    out = missing_blobs(repo, commit)
+    for path, (sub_url, sub_commit) in wanted_submodules(submodules, submodules_at(repo, commit)).items():
+        out += [f"{path}/{p}" for p in absent_files(where, sub_url, sub_commit)]
+    return out
+
+
+def missing_resources(where: str | Path | Resolver, sources) -> list[str]:
+    """For a recipe version's git resources (``Source`` objects), what the stores lack."""
     out = []
     for src in sources:
         if src.kind == "git":
-            out += [f"{src.name}: {m}" for m in
-                    lacking(mirror_dir, src.url, src.commit, getattr(src, "submodule_paths", None)
-                            or src.submodules)]
+            out += [f"{src.name}: {m}" for m in lacking(where, src.url, src.commit, src.submodule_spec)]
     return out
 
 
-def checkout(mirror_dir: str | Path, url: str, commit: str, dest: str | Path, submodules=False,
+def checkout(where: str | Path | Resolver, url: str, commit: str, dest: str | Path, submodules=False,
              allow_missing_files: bool = False) -> Path:
-    """Check ``commit`` of ``url`` out of the mirror into ``dest`` (new), submodules at their commits.
+    """Check ``commit`` of ``url`` out of the stores into ``dest`` (new), submodules at their commits.
 
-    ``allow_missing_files`` lets a tree whose snapshot lacks some file contents be checked out
-    without them (to hash the tree as available); repositories and commits must still be there.
+    ``allow_missing_files`` lets a tree whose store lacks some file contents be checked out
+    without them (the caller names them); repositories and commits must still be there.
     """
-    missing = lacking(mirror_dir, url, commit, submodules)
+    missing = lacking(where, url, commit, submodules)
     if allow_missing_files:
         missing = [m for m in missing if "lacks the contents of" not in m]
     if missing:
-        raise MissingOffline("mirror lacks " + "; ".join(missing))
-    repo, dest = find_repo(mirror_dir, url), Path(dest)
-    _git("clone", "--quiet", "--no-checkout", "--shared", str(repo), str(dest))
-    _git("-c", "advice.detachedHead=false", "checkout", "--quiet", commit, cwd=dest)
+        raise MissingOffline("no store holds " + "; ".join(missing))
+    resolve = _resolver(where)
+    repo, dest = resolve(url, commit), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    git("init", "-q", cwd=dest)
+    # borrow the store's objects instead of copying them (a store may have no refs at all)
+    (dest / ".git" / "objects" / "info" / "alternates").write_text(str(Path(repo).resolve() / "objects") + "\n")
+    git("-c", "advice.detachedHead=false", "checkout", "-q", commit, cwd=dest)
     for path, (sub_url, sub_commit) in wanted_submodules(submodules, submodules_at(repo, commit)).items():
         sub_dest = dest / path
         if sub_dest.is_dir():
             sub_dest.rmdir()  # git leaves an empty folder for a gitlink
-        checkout(mirror_dir, sub_url, sub_commit, sub_dest, False, allow_missing_files)
+        checkout(where, sub_url, sub_commit, sub_dest, False, allow_missing_files)
     return dest
 
 
-def pin_tree_sha256(mirror_dir: str | Path, url: str, commit: str, submodules=False,
+def pin_tree_sha256(where: str | Path | Resolver, url: str, commit: str, submodules=False,
                     allow_missing_files: bool = False) -> str:
-    """The ``tree_sha256`` a recipe pins for a git resource, computed from a checkout of the mirror.
-
-    With ``allow_missing_files`` it is the hash of the tree as the mirror has it (a recipe's
-    ``available-tree-sha256``), never to be written as the upstream pin.
-    """
-    from .sources import tree_sha256
+    """The ``tree_sha256`` of a git pin, computed from a checkout of the stores."""
     with tempfile.TemporaryDirectory(prefix="bw-pin-") as tmp:
-        tree = checkout(mirror_dir, url, commit, Path(tmp) / "tree", submodules, allow_missing_files)
+        tree = checkout(where, url, commit, Path(tmp) / "tree", submodules, allow_missing_files)
         return tree_sha256(tree)
+
+
+def object_ids(repo: Path, commit: str) -> tuple[list[str], list[str]]:
+    """``(present, absent)`` object ids of one commit: the commit, its trees and blobs (no history)."""
+    out = git("--git-dir", str(repo), "rev-list", "--objects", "--no-walk", "--missing=print", commit)
+    present, absent = [], []
+    for line in out.splitlines():
+        oid = line.split(" ", 1)[0]
+        (absent if oid.startswith("?") else present).append(oid.lstrip("?"))
+    return present, absent
 
 
 def snapshots_in(folder: str | Path, host: str = "github.com") -> dict[str, Path]:

@@ -34,10 +34,16 @@ def patches_dir() -> Path:
 
 @dataclass(frozen=True)
 class Condition:
-    """``when = { target = [...], torch = ">=2.14" }``; an empty condition always holds."""
+    """``when = { target = [...], torch = ">=2.14", archs = ["9.0a", "10.0f"] }``; empty always holds.
+
+    ``archs`` holds when the recipe's arch list for the target has an arch that one of these
+    serves, as vLLM's ``cuda_archs_loose_intersection`` maps them: ``X.Ya`` serves X.Y only, a
+    plain or family ``X.Y`` serves X.Y and later minors of major X.
+    """
 
     targets: tuple[str, ...] = ()
     torch: SpecifierSet | None = None
+    archs: tuple[CudaArch, ...] = ()
 
     @classmethod
     def from_toml(cls, data: dict | None, where: str) -> "Condition":
@@ -45,18 +51,24 @@ class Condition:
         targets = data.pop("target", ())
         targets = (targets,) if isinstance(targets, str) else tuple(targets)  # target = "gb10" too
         torch = data.pop("torch", None)
+        archs = data.pop("archs", ())
         if data:
-            raise RecipeError(f"{where}: unknown condition keys {sorted(data)} (target, torch)")
+            raise RecipeError(f"{where}: unknown condition keys {sorted(data)} (target, torch, archs)")
         for t in targets:
             if t not in TARGETS:
                 raise RecipeError(f"{where}: condition names unknown target {t!r}")
         try:
-            return cls(targets, SpecifierSet(torch) if torch else None)
+            return cls(targets, SpecifierSet(torch) if torch else None, parse_arch_list(archs))
         except InvalidSpecifier:
             raise RecipeError(f"{where}: bad torch specifier {torch!r}") from None
+        except UsageError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
 
-    def holds(self, target: Target, torch_version: str) -> bool:
+    def holds(self, target: Target, torch_version: str, target_archs: tuple[CudaArch, ...] = ()) -> bool:
+        """``target_archs``: the recipe's arch list for the target (needed by an ``archs`` condition)."""
         if self.targets and target.name not in self.targets:
+            return False
+        if self.archs and not any(_serves(a, t) for a in self.archs for t in target_archs):
             return False
         return self.holds_torch(torch_version)
 
@@ -69,7 +81,24 @@ class Condition:
             parts.append("target in " + ",".join(self.targets))
         if self.torch is not None:
             parts.append(f"torch {self.torch}")
+        if self.archs:
+            parts.append("an arch served by " + ";".join(a.dotted for a in self.archs))
         return " and ".join(parts) or "always"
+
+
+def _serves(listed: CudaArch, target_arch: CudaArch) -> bool:
+    """Whether a family list entry ``listed`` maps onto ``target_arch`` (vLLM's loose intersection).
+
+    >>> _serves(CudaArch.parse("9.0a"), CudaArch.parse("9.0a")), _serves(CudaArch.parse("9.0a"), CudaArch.parse("12.1a"))
+    (True, False)
+    >>> _serves(CudaArch.parse("10.0f"), CudaArch.parse("10.3")), _serves(CudaArch.parse("12.0f"), CudaArch.parse("12.1a"))
+    (True, True)
+    """
+    if listed.major != target_arch.major:
+        return False
+    if listed.suffix == "a":
+        return listed.minor == target_arch.minor
+    return target_arch.minor >= listed.minor
 
 
 @dataclass(frozen=True)
@@ -87,9 +116,11 @@ class RecipeVersion:
     gcc: SpecifierSet | None = None          # host compiler the version needs
     requirements_files: tuple[str, ...] = ()  # files in the sdist whose pins the stack must satisfy
 
-    def resources_for(self, target: Target, torch_version: str) -> tuple[Source, ...]:
+    def resources_for(self, target: Target, torch_version: str,
+                      target_archs: tuple[CudaArch, ...] = ()) -> tuple[Source, ...]:
+        """The resources the target uses (``when``); ``target_archs``: the recipe's list for it."""
         return tuple(r for r in self.resources
-                     if Condition.from_toml(r.when, r.name).holds(target, torch_version))
+                     if Condition.from_toml(r.when, r.name).holds(target, torch_version, target_archs))
 
     def patches_for(self, target: Target, torch_version: str) -> tuple[PatchSpec, ...]:
         return tuple(p for p in self.patches if p.when.holds(target, torch_version))
@@ -130,6 +161,11 @@ class Recipe:
     build_requires: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
+    def sources_for(self, version: str, target: Target, torch_version: str) -> tuple[Source, ...]:
+        """The sdist and every resource a build of ``version`` for ``target`` needs."""
+        rv = self.version(version)
+        return (rv.sdist, *rv.resources_for(target, torch_version, self.arch.archs_for(target)))
+
     def version(self, version: str) -> RecipeVersion:
         for v in self.versions:
             if v.version == version:
@@ -156,14 +192,22 @@ def _source_from_toml(d: dict, name: str, role: str, where: str) -> Source:
         src = Source(name=name, kind="git", url=d["git"], commit=commit, sha256=d.get("sha256", ""),
                      submodules=bool(subs), submodule_paths=tuple(subs) if isinstance(subs, list) else (),
                      role=role, env=d.get("env"),
-                     dest=d.get("dest"), defined_in=d.get("defined-in"), when=when)
+                     dest=d.get("dest"), defined_in=d.get("defined-in"), when=when,
+                     optional=d.get("optional"))
     elif "url" in d:
         src = Source(name=name, kind="url", url=d["url"], sha256=d.get("sha256", ""), role=role,
-                     env=d.get("env"), dest=d.get("dest"), defined_in=d.get("defined-in"), when=when)
+                     env=d.get("env"), dest=d.get("dest"), defined_in=d.get("defined-in"), when=when,
+                     optional=d.get("optional"))
     else:
         raise RecipeError(f"{where}: source {name!r} needs one of pypi, git, url")
-    if src.sha256.startswith("unavailable"):
-        if role == "sdist":  # a resource may lack a pin (fetch refuses it); the sdist never
+    if src.optional is not None and (role == "sdist" or not isinstance(src.optional, str)):
+        raise RecipeError(f"{where}: optional = \"<what the build lacks without it>\" is for resources")
+    # git: pinned by the commit; a tree sha256 is checked where recorded. Archives need a sha256,
+    # or (resources only) an explicit "unpinned: <why>", which fetch refuses unless optional.
+    if src.kind == "git" and src.sha256 == "":
+        pass
+    elif src.sha256.startswith("unpinned:"):
+        if role == "sdist":
             raise RecipeError(f"{where}: the sdist of {name!r} must have a sha256 pin")
     elif not _HEX64.fullmatch(src.sha256):
         raise RecipeError(f"{where}: source {name!r} has no sha256 pin (64 lowercase hex), got {src.sha256!r}")

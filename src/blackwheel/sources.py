@@ -3,14 +3,17 @@
 Three kinds of source, each pinned:
 - ``pypi``: an sdist by distribution name and version, found through pip's configured index
   (the simple API, PEP 691 JSON or PEP 503 HTML); pinned by the archive's sha256.
-- ``git``: a repository URL and a full commit id; pinned by the commit *and* by ``tree_sha256``
-  of the checked-out tree (submodules included), so a rewritten history cannot slip in.
+- ``git``: a repository URL and a full commit id; pinned by the commit (git's object ids hash every
+  byte under it). Where the recipe also records ``tree_sha256`` of the checked-out tree
+  (submodules included) it is checked; otherwise it is computed and written into the manifest.
 - ``url``: an archive URL; pinned by the archive's sha256.
 
 Cache (``BLACKWHEEL_CACHE``, default ``~/.cache/blackwheel``)::
 
     sources/sha256/<hex>/<filename>          archives, by their hash
-    sources/git/<commit>-<tree_sha256[:16]>/  git trees, checked out and verified
+    sources/git/<commit>-<submodules>/        git trees, checked out and verified (+ ``.json`` beside:
+                                              tree_sha256 and any file the store lacked)
+    git/<host>/<owner>/<repo>.git             stores filled online (``git fetch --depth 1 URL COMMIT``)
 
 Mirror (``--mirror DIR`` / ``BLACKWHEEL_MIRROR``) for air-gapped hosts, same names as upstream::
 
@@ -18,7 +21,10 @@ Mirror (``--mirror DIR`` / ``BLACKWHEEL_MIRROR``) for air-gapped hosts, same nam
     DIR/url/<archive filename>
     DIR/git/<host>/<owner>/<repo>.git        bare repositories (``git clone --mirror``)
 
-Offline mode reads only the cache and the mirror, and names exactly what is missing.
+or ``--mirror FILE``: a source bundle (``blackwheel bundle``, see ``bundle.py``).
+
+Offline mode reads only the cache and the mirror, and names exactly what is missing. A resource the
+recipe marks ``optional`` may be missing: the build goes on without it and says so.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
+from . import mirror as stores
+from .targets import DEFAULT_TARGET
 from .errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive, UsageError
-from .fsutil import sha256_file
+from .fsutil import atomic_write_json, sha256_file, tree_sha256
 
 GIT_COMMIT_LEN = 40
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Source:
 
     name: str
     kind: str                      # "pypi" | "git" | "url"
-    sha256: str                    # archive hash (pypi, url) or tree_sha256 (git)
+    sha256: str                    # archive hash (pypi, url) or tree_sha256 (git; "" = by commit only)
     pypi: str | None = None        # distribution name (pypi)
     version: str | None = None     # version (pypi)
     url: str | None = None         # repository URL (git) or archive URL (url)
@@ -66,6 +75,17 @@ class Source:
     dest: str | None = None        # resource: a path inside the main tree to place it at instead
     defined_in: str | None = None  # resource: where upstream defines this pin
     when: dict = field(default_factory=dict, hash=False, compare=False)
+    optional: str | None = None    # resource: what the build lacks without it (it may be missing)
+
+    @property
+    def pinned(self) -> bool:
+        """Archives need a sha256; a git resource is pinned by its commit alone."""
+        return self.kind == "git" or bool(_HEX64.fullmatch(self.sha256))
+
+    @property
+    def submodule_spec(self):
+        """``submodules`` as the recipe wrote it: False, True (all recorded) or a list of paths."""
+        return list(self.submodule_paths) if self.submodule_paths else self.submodules
 
     @property
     def label(self) -> str:
@@ -77,37 +97,12 @@ class Source:
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "kind": self.kind, "sha256": self.sha256, "role": self.role}
+        if self.kind == "git" and self.submodule_spec:
+            d["submodules"] = self.submodule_spec
         for key in ("pypi", "version", "url", "commit", "env", "dest"):
             if getattr(self, key):
                 d[key] = getattr(self, key)
         return d
-
-
-def tree_sha256(root: str | os.PathLike) -> str:
-    """Content hash of a source tree, independent of git and of file times.
-
-    sha256 over sorted lines ``<kind> <path>\\0<digest>\\n`` where kind is ``f`` (file), ``x``
-    (executable file) or ``l`` (symlink, digest = link target); ``.git`` entries are skipped, empty
-    folders do not count.
-    """
-    root = Path(root)
-    entries: list[bytes] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".git"]
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            rel = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(st.st_mode):
-                entries.append(f"l {rel}\0{os.readlink(path)}\n".encode())
-            elif stat.S_ISREG(st.st_mode) and name != ".git":
-                kind = "x" if st.st_mode & 0o111 else "f"
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                entries.append(f"{kind} {rel}\0{digest}\n".encode())
-    h = hashlib.sha256()
-    for line in sorted(entries):
-        h.update(line)
-    return h.hexdigest()
 
 
 # ---- the cache and the mirror ----------------------------------------------------------------------
@@ -117,32 +112,50 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Fetcher:
-    """Brings sources into the cache: from the cache itself, the mirror, or (online) upstream."""
+    """Brings sources into the cache: from the cache itself, the mirror, or (online) upstream.
+
+    ``mirror`` is a mirror folder or a source bundle file. ``allow_absent`` accepts a git tree
+    whose store lacks some file contents (a snapshot that skips large files); the files are
+    named in the tree's record and so in the manifest, and a recorded tree hash is not checked.
+    """
 
     cache: Path
     mirror: Path | None = None
     offline: bool = False
+    allow_absent: bool = False
 
     @classmethod
-    def from_env(cls, offline: bool | None = None, mirror: str | None = None) -> "Fetcher":
+    def from_env(cls, offline: bool | None = None, mirror: str | None = None,
+                 allow_absent: bool | None = None) -> "Fetcher":
         mirror = mirror or os.environ.get("BLACKWHEEL_MIRROR")
         if offline is None:
             offline = os.environ.get("BLACKWHEEL_OFFLINE", "") not in ("", "0")
-        return cls(default_cache_dir(), Path(mirror) if mirror else None, offline)
+        if allow_absent is None:
+            allow_absent = os.environ.get("BLACKWHEEL_ALLOW_ABSENT", "") not in ("", "0")
+        return cls(default_cache_dir(), Path(mirror) if mirror else None, offline, allow_absent)
+
+    # -- the mirror: a folder, or a bundle file unpacked (verified) into the cache once
+    def _bundle(self):
+        if self.mirror is None or not self.mirror.is_file():
+            return None
+        from .bundle import open_bundle
+        return open_bundle(self.mirror, self.cache)
+
+    def _mirror_dir(self) -> Path | None:
+        return self.mirror if self.mirror is not None and self.mirror.is_dir() else None
 
     def fetch(self, src: Source) -> Path:
         """A verified archive file (pypi, url) or tree folder (git) for ``src``."""
-        if src.sha256.startswith("unavailable"):
-            raise SourceError(f"{src.label}: no pin in the recipe ({src.sha256})")
+        if not src.pinned:
+            raise SourceError(f"{src.label}: no pin in the recipe ({src.sha256 or 'no sha256'})")
         if src.kind == "git":
             return self._fetch_git(src)
         cached = self._cached_archive(src.sha256)
         if cached:
             return cached
-        if self.mirror:
-            found = self._mirror_archive(src)
-            if found:
-                return self._store_archive(found, src, Path(found).name)
+        found = self._mirror_archive(src)
+        if found:
+            return self._store_archive(found, src, _archive_name(src, found))
         if self.offline:
             raise MissingOffline(f"offline and {src.label} (sha256 {src.sha256[:12]}) is in neither the "
                                  f"cache nor the mirror {self._mirror_hint(src)}")
@@ -153,16 +166,58 @@ class Fetcher:
             _download(url, part)
             return self._store_archive(part, src, filename)
 
-    def missing(self, sources) -> list[str]:
-        """What ``fetch`` would have to download: offline-readiness check, no network used."""
-        out = []
+    def fetch_optional(self, src: Source) -> tuple[Path | None, str | None]:
+        """``(path, None)``, or for an optional resource that cannot be had ``(None, one line why)``."""
+        if not src.optional:
+            return self.fetch(src), None
+        try:
+            return self.fetch(src), None
+        except SourceError as exc:
+            return None, f"optional {src.name} left out: {exc}; {src.optional}"
+
+    def record(self, src: Source) -> dict:
+        """What the manifest says of a fetched source: its pin, and for git the tree as verified."""
+        d = src.to_dict()
+        if src.kind == "git":
+            info = self._tree_record(self._git_cache_dir(src))
+            if info:
+                d["tree_sha256"] = info["tree_sha256"]
+                d["tree_sha256_from"] = "recipe" if src.sha256 else "computed at fetch"
+                if info.get("absent"):
+                    d["absent"] = info["absent"]
+        return d
+
+    def check(self, sources) -> tuple[list[str], list[str]]:
+        """``(missing, notes)``: what fetch would have to download (offline-readiness), no network used.
+
+        Commits and file contents are checked in the stores, archives by hash. An optional
+        resource that is missing is a note, not a miss."""
+        missing, notes = [], []
+        bundle = self._bundle()
         for src in sources:
-            if src.kind == "git":
-                if not self._git_cache_dir(src).is_dir() and not self._mirror_git(src):
-                    out.append(f"{src.label} -> {self._mirror_hint(src)}")
-            elif not self._cached_archive(src.sha256) and not (self.mirror and self._mirror_archive(src)):
-                out.append(f"{src.label} -> {self._mirror_hint(src)}")
-        return out
+            if not src.pinned:
+                problem = [f"{src.label}: no pin in the recipe ({src.sha256 or 'no sha256'})"]
+            elif src.kind == "git":
+                problem = [] if self._tree_record(self._git_cache_dir(src)) else \
+                    [f"{src.name}: {m}" for m in stores.lacking(self.resolver(online=False), src.url,
+                                                                 src.commit, src.submodule_spec)]
+                if problem and self.allow_absent:
+                    problem = [m for m in problem if "lacks the contents of" not in m]
+                if problem and self._mirror_dir() is not None and "lacks the contents" not in problem[0]:
+                    problem = [f"{problem[0]} -> {self._mirror_hint(src)}", *problem[1:]]
+            elif self._cached_archive(src.sha256) or self._mirror_archive(src) or \
+                    (bundle is not None and bundle.archive(src.sha256)):
+                problem = []
+            else:
+                problem = [f"{src.label} -> {self._mirror_hint(src)}"]
+            if problem and src.optional:
+                notes.append(f"optional {src.name}: {problem[0]}; without it {src.optional}")
+            else:
+                missing += problem
+        return missing, notes
+
+    def missing(self, sources) -> list[str]:
+        return self.check(sources)[0]
 
     # -- archives
     def _tmp_root(self) -> Path:
@@ -171,10 +226,17 @@ class Fetcher:
         return root
 
     def _cached_archive(self, sha: str) -> Path | None:
+        """The cached archive, re-hashed: a file changed after download is removed, not trusted."""
         folder = self.cache / "sources" / "sha256" / sha
         # dot files are copies in progress (or left by an interrupted one), never the archive
         files = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-        return files[0] if files else None
+        for f in files:
+            if sha256_file(f) == sha:
+                return f
+            print(f"blackwheel: cached {f} no longer matches its sha256; removed, fetching again",
+                  file=sys.stderr)
+            f.unlink()
+        return None
 
     def _store_archive(self, path: Path, src: Source, filename: str) -> Path:
         actual = sha256_file(path)
@@ -189,6 +251,11 @@ class Fetcher:
         return dest
 
     def _mirror_archive(self, src: Source) -> Path | None:
+        bundle = self._bundle()
+        if bundle is not None:
+            return bundle.archive(src.sha256)
+        if self._mirror_dir() is None:
+            return None
         folder = self.mirror / ("pypi" if src.kind == "pypi" else "url")
         if not folder.is_dir():
             return None
@@ -201,9 +268,11 @@ class Fetcher:
         return None
 
     def _mirror_hint(self, src: Source) -> str:
+        if self.mirror is not None and self.mirror.is_file():
+            return f"not in the bundle {self.mirror}"
         where = self.mirror or Path("$BLACKWHEEL_MIRROR")
         if src.kind == "git":
-            return f"expected a bare repo at {where / 'git' / _git_mirror_path(src.url)}"
+            return f"expected a bare repo at {stores.repo_path(where, src.url)}"
         sub = "pypi" if src.kind == "pypi" else "url"
         return f"expected the file under {where / sub}"
 
@@ -221,69 +290,124 @@ class Fetcher:
                     return url, name
         raise SourceError(f"{src.label}: no sdist on the configured indexes ({', '.join(pip_index_urls())})")
 
-    # -- git trees
-    def _git_cache_dir(self, src: Source) -> Path:
-        return self.cache / "sources" / "git" / f"{src.commit}-{src.sha256[:16]}"
+    # -- git: stores (cache, bundle, mirror), then a verified checkout in the cache
+    def _store_dir(self, url: str) -> Path:
+        return stores.repo_path(self.cache, url)
 
-    def _mirror_git(self, src: Source) -> Path | None:
-        if not self.mirror:
+    def resolver(self, online: bool | None = None) -> stores.Resolver:
+        """(url, commit) -> the store that holds the commit: the cache's, the bundle's, the mirror's;
+        online (unless offline) a shallow fetch of that one commit into the cache's store."""
+        online = (not self.offline) if online is None else online
+        bundle = self._bundle()
+        mirror_dir = self._mirror_dir()
+
+        def resolve(url: str, commit: str) -> Path | None:
+            own = self._store_dir(url)
+            if own.is_dir() and stores.has_commit(own, commit):
+                return own
+            if bundle is not None and stores.has_commit(bundle.store, commit):
+                return bundle.store
+            if mirror_dir is not None:
+                found = stores.mirror_resolver(mirror_dir)(url, commit)
+                if found is not None:
+                    return found
+            if online:
+                return self._fetch_commit(url, commit)
             return None
-        cand = self.mirror / "git" / _git_mirror_path(src.url)
-        return cand if cand.is_dir() else None
+        return resolve
+
+    def _fetch_commit(self, url: str, commit: str) -> Path:
+        own = self._store_dir(url)
+        if not own.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{own.name}.", dir=_mk(own.parent)))
+            stores.git("init", "-q", "--bare", str(tmp / "r"))
+            try:
+                os.rename(tmp / "r", own)
+            except OSError:
+                if not own.is_dir():
+                    raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        stores.git("--git-dir", str(own), "fetch", "-q", "--depth", "1", url, commit)
+        return own
+
+    def _git_cache_dir(self, src: Source) -> Path:
+        spec = json.dumps(src.submodule_spec, sort_keys=True)
+        return self.cache / "sources" / "git" / f"{src.commit}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+    @staticmethod
+    def _tree_record(final: Path) -> dict | None:
+        record = final.with_name(final.name + ".json")
+        if final.is_dir() and record.is_file():
+            return json.loads(record.read_text())
+        return None
 
     def _fetch_git(self, src: Source) -> Path:
         final = self._git_cache_dir(src)
-        if final.is_dir():
+        info = self._tree_record(final)
+        if info is not None:
+            self._check_tree(src, info)
             return final
-        mirrored = self._mirror_git(src)
-        if mirrored is None and self.offline:
-            raise MissingOffline(f"offline and {src.label} is not cached; {self._mirror_hint(src)}")
+        resolve = self.resolver()
+        if resolve(src.url, src.commit) is None:
+            raise MissingOffline(f"offline and {src.label} is in no store; {self._mirror_hint(src)}")
+        absent = stores.absent_files(resolve, src.url, src.commit, src.submodule_spec)
+        bundle = self._bundle()
+        declared = bundle.absent(src.url, src.commit, src.submodule_spec) if bundle else None
+        if absent and not self.allow_absent and sorted(absent) != declared:
+            raise SourceError(f"{src.label}: the store lacks the contents of {len(absent)} file(s): "
+                              f"{', '.join(absent[:3])} (a snapshot that skips large files? "
+                              f"BLACKWHEEL_ALLOW_ABSENT=1 builds without them and records them)")
         with tempfile.TemporaryDirectory(dir=self._tmp_root()) as tmp:
             tree = Path(tmp) / "tree"
-            _git_checkout(src, tree, self.mirror if mirrored else None)
-            actual = tree_sha256(tree)
-            if actual != src.sha256:
-                raise HashMismatch(f"{src.label}: tree sha256 {actual} differs from the pin {src.sha256}")
-            shutil.rmtree(tree / ".git", ignore_errors=True)
+            stores.checkout(resolve, src.url, src.commit, tree, src.submodule_spec,
+                            allow_missing_files=bool(absent))
+            _drop_git_dirs(tree)
+            info = {"url": src.url, "commit": src.commit, "submodules": src.submodule_spec,
+                    "tree_sha256": tree_sha256(tree), "absent": absent}
+            self._check_tree(src, info)          # before anything lands in the cache
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(tree, final)
             except OSError:
                 if not final.is_dir():
                     raise
+            atomic_write_json(final.with_name(final.name + ".json"), info)
         return final
 
-
-def _git_mirror_path(url: str) -> str:
-    """``https://github.com/NVIDIA/cutlass(.git)`` -> ``github.com/NVIDIA/cutlass.git``."""
-    parsed = urllib.parse.urlparse(url)
-    path = parsed.path.strip("/")
-    if not path.endswith(".git"):
-        path += ".git"
-    return f"{parsed.netloc}/{path}"
-
-
-def _run_git(args: list[str], cwd: Path) -> None:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SourceError(f"git {' '.join(args[:3])} failed: {last}")
+    def _check_tree(self, src: Source, info: dict) -> None:
+        """The tree hash against the recipe's pin, else against what a bundle recorded for it."""
+        bundle = self._bundle()
+        expected = src.sha256 or (bundle.tree_sha256(src.url, src.commit, src.submodule_spec) if bundle else None)
+        if not expected or info["tree_sha256"] == expected:
+            return
+        if info.get("absent") and src.sha256:
+            print(f"blackwheel: {src.name}: tree sha256 not comparable with the pin: "
+                  f"{len(info['absent'])} file(s) absent from the store", file=sys.stderr)
+            return
+        whose = "the pin" if src.sha256 else "the bundle's record"
+        raise HashMismatch(f"{src.label}: tree sha256 {info['tree_sha256']} differs from {whose} {expected}")
 
 
-def _git_checkout(src: Source, tree: Path, mirror: Path | None) -> None:
-    """Check out exactly ``src.commit`` (and its submodules) into ``tree``."""
-    tree.mkdir(parents=True)
-    cfg: list[str] = ["-c", "advice.detachedHead=false", "-c", "protocol.file.allow=always"]
-    if mirror is not None:
-        # every github/gitlab URL, the superproject's and its submodules', resolves into the mirror
-        for host in sorted(p.name for p in (mirror / "git").iterdir() if p.is_dir()):
-            cfg += ["-c", f"url.{(mirror / 'git' / host).as_uri()}/.insteadOf=https://{host}/"]
-    _run_git([*cfg, "init", "-q"], tree)
-    _run_git([*cfg, "fetch", "-q", "--depth", "1", src.url, src.commit], tree)
-    _run_git([*cfg, "checkout", "-q", "FETCH_HEAD"], tree)
-    if src.submodules:
-        only = ["--", *src.submodule_paths] if src.submodule_paths else []
-        _run_git([*cfg, "submodule", "update", "-q", "--init", "--recursive", "--depth", "1", *only], tree)
+def _drop_git_dirs(tree: Path) -> None:
+    """Remove ``.git`` (folders, and the files submodules leave) so the tree is plain sources."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        if ".git" in dirnames:
+            shutil.rmtree(Path(dirpath) / ".git")
+            dirnames.remove(".git")
+        if ".git" in filenames:
+            (Path(dirpath) / ".git").unlink()
+
+
+def _archive_name(src: Source, found: Path) -> str:
+    """The upstream file name of an archive found in a mirror or bundle."""
+    if src.kind == "url":
+        return Path(urllib.parse.urlparse(src.url).path).name
+    return found.name.split("-", 1)[1] if found.parent.name == "archives" else found.name
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 # ---- the package index (pip's own configuration; no host is written here) -------------------------
@@ -401,34 +525,47 @@ def register(sub) -> None:
     p = sub.add_parser("fetch", help="fetch and verify every source of a stack (or one package)")
     p.add_argument("package", nargs="?", help="one recipe (default: all of the stack)")
     p.add_argument("--stack", help="stack name (default: the default stack)")
-    p.add_argument("--target", default="blackwell")
+    p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--offline", action="store_true", default=None, help="read only the cache and mirror")
-    p.add_argument("--mirror", help="local mirror folder for air-gapped hosts")
+    p.add_argument("--mirror", help="mirror folder or source bundle file, for air-gapped hosts")
+    p.add_argument("--allow-absent", action="store_true", default=None,
+                   help="accept git trees whose store lacks some file contents (recorded in the manifest)")
     p.add_argument("--check", action="store_true", help="only list what is missing; fetch nothing")
     p.set_defaults(func=_cmd_fetch)
 
 
+def stack_sources(stack, target, packages=None) -> list[Source]:
+    """Every source (sdists and the resources the target uses) of the stack's packages, deduplicated."""
+    from .recipe import load_recipe
+
+    out: dict[tuple, Source] = {}
+    for name in packages or list(stack.pins):
+        if not stack.pins.get(name):
+            raise UsageError(f"stack {stack.name} pins no version of {name}")
+        recipe = load_recipe(name)
+        for src in recipe.sources_for(stack.pins[name], target, stack.torch):
+            out.setdefault((src.kind, src.sha256, src.url, src.commit, src.pypi, src.version, src.name), src)
+    return list(out.values())
+
+
 def _cmd_fetch(args) -> int:
-    from .recipe import load_recipe, load_stack
+    from .recipe import load_stack
     from .targets import resolve_target
 
     stack = load_stack(args.stack)
     target = resolve_target(args.target)
-    fetcher = Fetcher.from_env(args.offline, args.mirror)
-    names = [args.package] if args.package else list(stack.pins)
-    sources = []
-    for name in names:
-        if not stack.pins.get(name):
-            raise UsageError(f"stack {stack.name} pins no version of {name}")
-        rv = load_recipe(name).version(stack.pins[name])
-        sources += [rv.sdist, *rv.resources_for(target, stack.torch)]
+    fetcher = Fetcher.from_env(args.offline, args.mirror, args.allow_absent)
+    sources = stack_sources(stack, target, [args.package] if args.package else None)
     if args.check:
-        missing = fetcher.missing(sources)
+        missing, notes = fetcher.check(sources)
         for line in missing:
             print(f"missing: {line}")
-        print(f"{len(sources) - len(missing)} of {len(sources)} sources present")
+        for line in notes:
+            print(f"note: {line}")
+        print(f"{len(sources) - len(missing) - len(notes)} of {len(sources)} sources present "
+              f"for {stack.name} / {target.name}")
         return 1 if missing else 0
     for src in sources:
-        path = fetcher.fetch(src)
-        print(f"ok  {src.label}  {path}")
+        path, note = fetcher.fetch_optional(src)
+        print(f"note: {note}" if note else f"ok  {src.label}  {path}")
     return 0

@@ -124,6 +124,15 @@ def plan_only_cmake_args(cuda_home: Path, python: str) -> list[str]:
     return args
 
 
+def toolkit_library_hints(cuda_home: Path, python: str) -> list[str]:
+    """CMake hints for a real build on a slim toolkit: libnvrtc from the torch wheel's nvidia
+    dependencies when the toolkit has none (it is the same library, so linking is sound)."""
+    if _found_lib("libnvrtc.so", cuda_home):
+        return []
+    wheel_lib = _torch_nvidia_lib(python, "libnvrtc.so.13")
+    return [f"-DCUDA_nvrtc_LIBRARY={wheel_lib}"] if wheel_lib else []
+
+
 def _found_lib(name: str, cuda_home: Path) -> bool:
     dirs = [cuda_home / "lib64", cuda_home / "lib64" / "stubs", Path("/usr/lib") / _multiarch(),
             Path("/usr/lib64")]
