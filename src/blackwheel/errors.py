@@ -6,6 +6,8 @@ They are raised anywhere in the pipeline and caught once, in ``cli.main``, which
 
 from __future__ import annotations
 
+import signal
+
 
 class BlackwheelError(Exception):
     """Base class: a clear, one-line problem with what to do about it."""
@@ -76,3 +78,19 @@ class VerifyFailed(BlackwheelError):
 
 class PublishError(BlackwheelError):
     exit_code = 8
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: what the build started has been ended (``blackwheel.interrupt``).
+
+    A KeyboardInterrupt, not a BlackwheelError, so no ``except Exception`` on its way up to
+    ``cli.main`` swallows it; the exit code is the shell's for a signal, 128 + its number.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}"

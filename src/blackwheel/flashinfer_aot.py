@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 from . import jobs as jobs_mod
 from .errors import BuildFailed, RecipeError, ToolchainError, UsageError
 from .fsutil import atomic_write_json, sha256_file
+from .interrupt import SignalsRaise
+from .progress import end_build
 from .targets import CudaArch, Target, parse_arch_list, spell
 
 AOT_DIR_IN_WHEEL = "flashinfer/data/aot"      # where both versions' loaders look first
@@ -389,17 +391,24 @@ def _run_with_progress(cmd: list[str], cwd: Path, env: Mapping, todo: Sequence[A
                     progress(f"  module [{done}/{len(todo)}] {name} ({time.monotonic() - start:.0f} s)")
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:  # this run only: _first_error reads it
-        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            log.write(line)
-            log.flush()
-            unit = _UNIT_RE.match(line)
-            if unit:  # ninja links late (critical path first): show units too, not only modules
-                progress(f"  unit {unit.group(1)}/{unit.group(2)} ({time.monotonic() - start:.0f} s)")
-            announce()
-        rc = proc.wait()
+    # this run only: _first_error reads it. Interrupts end ninja's jobs and the sccache server's (end_build)
+    with open(log_path, "w") as log, SignalsRaise(only_first=True) as signals:
+        with signals.held():
+            proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                unit = _UNIT_RE.match(line)
+                if unit:  # ninja links late (critical path first): show units too, not only modules
+                    progress(f"  unit {unit.group(1)}/{unit.group(2)} ({time.monotonic() - start:.0f} s)")
+                announce()
+            rc = proc.wait()
+        except BaseException:
+            with signals.held():
+                end_build(proc, env)
+            raise
     announce()
     return rc
 

@@ -2,11 +2,13 @@
 
 Progress is read from ninja's ``[done/total]`` lines; the terminal shows compile units done of
 total, elapsed time and an estimate. Everything the command prints goes to the log; on failure the
-first compiler error is pulled out of it.
+first compiler error is pulled out of it. SIGINT, SIGTERM or an error while it runs ends every
+process the command started, the sccache server's compiles included (``end_build``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -16,8 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
+from .ccache import server_jobs
 from .errors import BuildFailed
+from .interrupt import SignalsRaise, end_processes, session_tree
 from .ninja import unit_progress
 
 # a compiler's (gcc, nvcc "error #20-D:", MSVC-style "error C2065") or CMake's own diagnostic
@@ -168,26 +173,49 @@ def first_error(log: Path) -> str | None:
     return None
 
 
+def end_build(proc: subprocess.Popen, env: Mapping[str, str]) -> list[int]:
+    """End a build command started with ``start_new_session``: its session, what is below it,
+    and the compiles the build's sccache server runs (found by the port in ``env``).
+
+    All at once, so the server gets no new job from a build still being ended. Returns the
+    pids that would not end (none, unless one is stuck in the kernel).
+    """
+    port = env.get("SCCACHE_SERVER_PORT")
+    left = end_processes(lambda: session_tree(proc.pid) | (server_jobs(port) if port else set()))
+    with contextlib.suppress(subprocess.TimeoutExpired):   # reaped, unless it is among ``left``
+        proc.wait(timeout=1)
+    return left
+
+
+def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label: str) -> subprocess.Popen:
+    """The build command in a session of its own: ``end_build`` finds every process it starts."""
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1, start_new_session=True)
+    except OSError as exc:  # no such program, or cwd gone: the user's problem, in one line
+        raise BuildFailed(f"{label}: cannot run {cmd[0]}: {exc.strerror or exc} (log: {log})") from None
+
+
 def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label: str,
                expected_units: int | None = None, live: bool | None = None) -> RunResult:
-    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal."""
+    """Run ``cmd``, teeing its output to ``log`` and progress to the terminal.
+
+    SIGINT or SIGTERM (in the main thread), or any exception while it runs, ends every process
+    the command started (``end_build``) and raises; ``Interrupted`` for a signal.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(label, expected_units, live)
     sampler = MemorySampler()
     sampler.start()
     start = time.monotonic()
     units: list[str] = []
-    with open(log, "w", encoding="utf-8") as out:
+    proc = None
+    with open(log, "w", encoding="utf-8") as out, SignalsRaise(only_first=True) as signals:
         out.write(f"$ cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}\n")
         out.flush()
         try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace", bufsize=1, start_new_session=True)
-        except OSError as exc:  # no such program, or cwd gone: the user's problem, in one line
-            progress.close()
-            sampler.stop()
-            raise BuildFailed(f"{label}: cannot run {cmd[0]}: {exc.strerror or exc} (log: {log})") from None
-        try:
+            with signals.held():   # a signal while it starts ends it too, once it has a pid
+                proc = _start(cmd, cwd, env, log, label)
             for line in proc.stdout:
                 out.write(line)
                 out.flush()   # the log is what a user tails while the build runs
@@ -197,9 +225,10 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, label:
                     progress.update(*done_total)
             rc = proc.wait()
         except BaseException:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            sampler.stop()
+            with signals.held():   # a second Ctrl-C must not cut the ending short
+                if proc is not None:
+                    end_build(proc, env)
+                sampler.stop()
             raise
         finally:
             progress.close()
