@@ -74,7 +74,7 @@ def test_the_estimate_of_the_measured_vllm_build_is_near_its_wall():
     assert 0.85 * 1246 <= est.seconds <= 1.15 * 1246, est
     more = estimate_request(request("vllm"), cores=64, available_bytes=500 * 2**30)
     prof = json.loads(Path(load_recipe("vllm").path.parent, "profiles", "vllm-0.25.1.json").read_text())
-    assert more.seconds == max(prof["units"].values()) / prof["efficiency"]   # the longest unit bounds it
+    assert more.seconds == max(prof["units"].values())    # many cores: the longest unit bounds it
     two_archs = estimate_request(request("vllm", "blackwell"), cores=16, available_bytes=120 * 2**30)
     assert two_archs.seconds > 1.8 * est.seconds
     assert estimate_request(request("flash-attn", "gb10"), cores=16, available_bytes=120 * 2**30).seconds > 0

@@ -58,7 +58,8 @@ def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
     """Wall seconds for one package on this machine, from its recorded profile.
 
     Unit times (one arch) are scaled by the target's arch count and laid on the planned jobs:
-    ``max(sum / jobs, longest)``, divided by the efficiency the recorded build reached. A profile of
+    ``max(sum / jobs / efficiency, longest)``, the efficiency being how full the recorded build kept
+    its cores. A profile of
     only a total is scaled by cores. No profile, no number.
     """
     from .build import profile_path
@@ -74,10 +75,10 @@ def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
     if prof.get("units"):
         times = list(prof["units"].values())
         per_arch = 1 if plan.nvcc_threads > 1 else archs
-        bound = max(sum(times) * archs / plan.jobs, max(times) * per_arch)
-        efficiency = float(prof.get("efficiency", 1.0))   # how close the recorded build came to its bound
-        return Estimate(name, bound / efficiency, f"{len(times)} recorded units x {archs} arch(s) on "
-                                                  f"{plan.jobs} jobs, at the recorded efficiency {efficiency}")
+        efficiency = float(prof.get("efficiency", 1.0))   # how full the recorded build kept its cores
+        seconds = max(sum(times) * archs / plan.jobs / efficiency, max(times) * per_arch)
+        return Estimate(name, seconds, f"{len(times)} recorded units x {archs} arch(s) on "
+                                       f"{plan.jobs} jobs, at the recorded efficiency {efficiency}")
     total = prof.get("total")
     if total:
         seconds = total["wall_s"] * total["cores"] / cores * archs / total.get("archs", 1)

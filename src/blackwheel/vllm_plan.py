@@ -212,7 +212,9 @@ def _parse_archs(text: str) -> tuple[tuple[CudaArch, ...], tuple[CudaArch, ...]]
             continue
         base = item.removesuffix("+PTX")
         arch = CudaArch.parse(base)
-        (ptx if base != item else cubins).append(arch)
+        cubins.append(arch)              # "8.0+PTX" is the sm_80 cubin and compute_80 PTX
+        if base != item:
+            ptx.append(arch)
     return tuple(cubins), tuple(ptx)
 
 
