@@ -17,20 +17,26 @@ import re
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
 
 from . import toolchain as tc_mod
 from .errors import BuildFailed, StackMismatch, ToolchainError, UsageError
 from .fsutil import sha256_file
 from .patch import apply_series
 from .progress import run_logged
-from .recipe import PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, stack_disagreements
+from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, requirement_lines,
+                     stack_disagreements)
 from .sources import Fetcher, safe_extract
 from .targets import DEFAULT_TARGET, Target, resolve_target
+from .vllm_plan import toolkit_library_hints
 from .wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
@@ -131,17 +137,13 @@ def build_requirements(tree: Path, recipe: Recipe) -> list[str]:
     """The package's own build requirements: ``build-system.requires`` of its pyproject.toml and
     the recipe's ``build-requirements-files`` (vLLM: requirements/build/cuda.txt). torch is left out:
     the toolchain check holds it to the stack's pin."""
-    from .recipe import _requirement_lines
-
     lines: list[str] = []
     pyproject = tree / "pyproject.toml"
     if pyproject.is_file():
-        import tomllib
         lines += tomllib.loads(pyproject.read_text()).get("build-system", {}).get("requires", [])
     for rel in recipe.expect.get("build-requirements-files", []):
         if (tree / rel).is_file():
-            lines += _requirement_lines(tree / rel)
-    from packaging.requirements import InvalidRequirement, Requirement
+            lines += requirement_lines(tree / rel)
     out = []
     for line in dict.fromkeys(lines):
         try:
@@ -155,9 +157,6 @@ def build_requirements(tree: Path, recipe: Recipe) -> list[str]:
 
 def unmet_requirements(python: str, requirements: list[str]) -> list[str]:
     """Each requirement the build Python does not satisfy, as ``req (have X | missing)``."""
-    import subprocess
-    from packaging.requirements import Requirement
-
     code = ("import importlib.metadata as m, json, sys\n"
             "def v(n):\n    try: return m.version(n)\n    except m.PackageNotFoundError: return None\n"
             "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
@@ -177,8 +176,6 @@ def unmet_requirements(python: str, requirements: list[str]) -> list[str]:
 def install_build_requirements(python: str, requirements: list[str]) -> None:
     """``pip install --upgrade`` what is unmet: a venv keeps the setuptools its Python bundled
     (3.11: 65.5) and a plain install does not upgrade it, while FlashInfer needs >= 77."""
-    import subprocess
-
     unmet = [u.split(" (")[0] for u in unmet_requirements(python, requirements)]
     if not unmet:
         return
@@ -221,7 +218,6 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
     if "CMAKE_ARGS" in req.recipe.env:
         # the recipe's first; the caller's own (CMAKE_ARGS in the environment) and the toolkit
         # hints after them, so a slim CUDA whose libnvrtc comes from the nvidia wheels still links
-        from .vllm_plan import toolkit_library_hints
         hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python)
         env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
     env.update(prepared.resource_env)

@@ -23,6 +23,7 @@ compared with the hash the bundle recorded (and the recipe's, where it has one).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ def write_bundle(sources, fetcher, out: Path, meta: dict) -> dict:
             record["separate_bytes"] = path.stat().st_size
         separate += record["separate_bytes"]
         entries.append(record)
-    with tempfile.TemporaryDirectory(prefix="bw-bundle-", dir=_mk(fetcher.cache / "tmp")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="bw-bundle-", dir=fetcher.tmp_root()) as tmp:
         pack = Path(tmp) / "objects.pack"
         _write_pack(git_pins, pack, Path(tmp))
         part = out.with_name(f".{out.name}.part")
@@ -98,7 +99,7 @@ def write_bundle(sources, fetcher, out: Path, meta: dict) -> dict:
             data = json.dumps(listing, indent=2, sort_keys=True).encode()
             info = tarfile.TarInfo("bundle.json")
             info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, _bytes_io(data))
+            tar.addfile(info, io.BytesIO(data))
             for e in entries:
                 if "member" in e:
                     tar.add(e["file"], arcname=e["member"], recursive=False)
@@ -132,16 +133,6 @@ def _write_pack(pins: list[tuple[Path, str, str]], pack: Path, tmp: Path) -> Non
                                "--depth=50", "-q"], input=lines.encode(), stdout=f, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         raise SourceError(f"git pack-objects failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
-
-
-def _bytes_io(data: bytes):
-    import io
-    return io.BytesIO(data)
-
-
-def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -187,7 +178,8 @@ def open_bundle(path: Path, cache: Path) -> OpenedBundle:
     root = Path(cache) / "bundles" / digest[:32]
     if (root / "bundle.json").is_file():
         return OpenedBundle(root, json.loads((root / "bundle.json").read_text()))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=_mk(root.parent)))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         meta = _unpack(path, tmp)
         try:

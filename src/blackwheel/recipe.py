@@ -353,11 +353,11 @@ def sdist_requirements(tree: Path, recipe: Recipe, version: str | None = None) -
     for rel in dict.fromkeys(files):
         path = tree / rel
         if path.is_file():
-            reqs += _requirement_lines(path)
+            reqs += requirement_lines(path)
     return [r for r in reqs if r]
 
 
-def _requirement_lines(path: Path) -> list[str]:
+def requirement_lines(path: Path) -> list[str]:
     if path.name == "pyproject.toml":
         data = _read_toml(path)
         return [*data.get("build-system", {}).get("requires", []), *data.get("project", {}).get("dependencies", [])]

@@ -161,7 +161,7 @@ class Fetcher:
                                  f"cache nor the mirror {self._mirror_hint(src)}")
         url, filename = (self._pypi_url(src) if src.kind == "pypi"
                          else (src.url, Path(urllib.parse.urlparse(src.url).path).name))
-        with tempfile.TemporaryDirectory(dir=self._tmp_root()) as tmp:
+        with tempfile.TemporaryDirectory(dir=self.tmp_root()) as tmp:
             part = Path(tmp) / filename
             _download(url, part)
             return self._store_archive(part, src, filename)
@@ -193,7 +193,6 @@ class Fetcher:
         Commits and file contents are checked in the stores, archives by hash. An optional
         resource that is missing is a note, not a miss."""
         missing, notes = [], []
-        bundle = self._bundle()
         for src in sources:
             if not src.pinned:
                 problem = [f"{src.label}: no pin in the recipe ({src.sha256 or 'no sha256'})"]
@@ -205,8 +204,7 @@ class Fetcher:
                     problem = [m for m in problem if "lacks the contents of" not in m]
                 if problem and self._mirror_dir() is not None and "lacks the contents" not in problem[0]:
                     problem = [f"{problem[0]} -> {self._mirror_hint(src)}", *problem[1:]]
-            elif self._cached_archive(src.sha256) or self._mirror_archive(src) or \
-                    (bundle is not None and bundle.archive(src.sha256)):
+            elif self._cached_archive(src.sha256) or self._mirror_archive(src):
                 problem = []
             else:
                 problem = [f"{src.label} -> {self._mirror_hint(src)}"]
@@ -220,7 +218,7 @@ class Fetcher:
         return self.check(sources)[0]
 
     # -- archives
-    def _tmp_root(self) -> Path:
+    def tmp_root(self) -> Path:
         root = self.cache / "tmp"
         root.mkdir(parents=True, exist_ok=True)
         return root
@@ -319,7 +317,8 @@ class Fetcher:
     def _fetch_commit(self, url: str, commit: str) -> Path:
         own = self._store_dir(url)
         if not own.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{own.name}.", dir=_mk(own.parent)))
+            own.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{own.name}.", dir=own.parent))
             stores.git("init", "-q", "--bare", str(tmp / "r"))
             try:
                 os.rename(tmp / "r", own)
@@ -357,7 +356,7 @@ class Fetcher:
             raise SourceError(f"{src.label}: the store lacks the contents of {len(absent)} file(s): "
                               f"{', '.join(absent[:3])} (a snapshot that skips large files? "
                               f"BLACKWHEEL_ALLOW_ABSENT=1 builds without them and records them)")
-        with tempfile.TemporaryDirectory(dir=self._tmp_root()) as tmp:
+        with tempfile.TemporaryDirectory(dir=self.tmp_root()) as tmp:
             tree = Path(tmp) / "tree"
             stores.checkout(resolve, src.url, src.commit, tree, src.submodule_spec,
                             allow_missing_files=bool(absent))
@@ -403,11 +402,6 @@ def _archive_name(src: Source, found: Path) -> str:
     if src.kind == "url":
         return Path(urllib.parse.urlparse(src.url).path).name
     return found.name.split("-", 1)[1] if found.parent.name == "archives" else found.name
-
-
-def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 # ---- the package index (pip's own configuration; no host is written here) -------------------------
