@@ -59,8 +59,8 @@ def test_keep_going_builds_the_others_and_names_the_failure_and_its_log(tmp_path
                                manifest=manifest, reused=False)
 
     with pytest.raises(BuildFailed):
-        build_stack(reqs, keep_going=False, build=build)
-    rows, rc = build_stack(reqs, keep_going=True, build=build)
+        build_stack(reqs, keep_going=False, build=build, together=False)
+    rows, rc = build_stack(reqs, keep_going=True, build=build, together=False)
     assert rc == 1 and [r["result"] for r in rows] == ["FAILED", "built"]
     assert rows[0]["log"] == "/logs/fa.log" and rows[1]["cache_hits"] == "3/4" and rows[1]["verify"] == "ok"
     out = capsys.readouterr()

@@ -56,6 +56,7 @@ class BuildRequest:
     force: bool = False
     live: bool | None = None
     kernel_set: str | None = None   # FlashInfer: which AOT kernel set (recipe [kernel-sets])
+    extra_env: dict = field(default_factory=dict, hash=False, compare=False)   # e.g. a shared jobserver
 
     @property
     def version(self):
@@ -221,6 +222,7 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
         hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python)
         env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
     env.update(prepared.resource_env)
+    env.update(req.extra_env)
     env[req.recipe.arch.knob] = req.recipe.arch.value_for(req.target)
     env.update(plan.env_for(req.recipe.jobs_style))
     # no network after fetch: pip may not look at an index, and nothing may prompt
@@ -524,6 +526,8 @@ def register(sub) -> None:
     p = sub.add_parser("build-all", help="build every package of a stack, in dependency order")
     p.add_argument("--force", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="a failed package does not stop the others")
+    p.add_argument("--one-at-a-time", dest="together", action="store_false",
+                   help="build the packages one after another instead of at once on one job budget")
     _common(p)
     p.set_defaults(func=_cmd_build_all)
     p = sub.add_parser("build-requires", help="what each package's own build needs in the build Python")
@@ -562,7 +566,7 @@ def _cmd_build_all(args) -> int:
     stack = load_stack(args.stack)
     # every request first: a bad target or recipe stops the run before the first fetch
     requests = [request_from_args(args, recipe, stack) for recipe in stack.recipes()]
-    return build_stack(requests, keep_going=args.keep_going)[1]
+    return build_stack(requests, keep_going=args.keep_going, together=args.together)[1]
 
 
 def sdist_build_requirements(req: BuildRequest) -> list[str]:

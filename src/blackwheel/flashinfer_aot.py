@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from . import jobs as jobs_mod
+from .jobserver import ninja_jobs_args
 from .errors import BuildFailed, RecipeError, ToolchainError, UsageError
 from .fsutil import atomic_write_json, sha256_file
 from .interrupt import SignalsRaise
@@ -362,7 +363,7 @@ def compile_modules(modules: Sequence[AotModule], build_dir: Path, env: Mapping,
     if todo:
         top = build_dir / "blackwheel-aot.ninja"
         top.write_text("ninja_required_version = 1.3\n" + "".join(f"subninja {m.ninja}\n" for m in todo))
-        cmd = [_ninja(), "-f", str(top), "-j", str(jobs)]
+        cmd = [_ninja(), "-f", str(top), *ninja_jobs_args(jobs, env)]
         progress("$ " + " ".join(cmd))
         start = time.monotonic()
         rc = _run_with_progress(cmd, build_dir, env, todo, log_path, progress, start)

@@ -31,6 +31,7 @@ from typing import Iterable
 
 from .errors import UsageError
 from .fsutil import atomic_write_text
+from .jobserver import JOBSERVER_ENV, without_jobs_flag
 
 MASK64 = (1 << 64) - 1
 LOG_NAME = ".ninja_log"
@@ -494,6 +495,8 @@ def shim_main(args: list[str], environ: dict[str, str] | None = None) -> int:
     if is_build and "-f" not in args and (build_dir / "build.ninja").is_file():
         order_longest_first(build_dir, _load_times(env.get(SHIM_TIMES_ENV)))
         args = args + subset_outputs(build_dir, env.get(SHIM_ONLY_ENV))
+    if is_build and env.get(JOBSERVER_ENV):
+        args = without_jobs_flag(args)      # an explicit -j would leave the shared job budget
     rc = subprocess.call([real, *args])
     if is_build:
         _save_log(build_dir, env.get(SHIM_LOGS_ENV))

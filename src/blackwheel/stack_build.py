@@ -4,19 +4,27 @@
 2. every source of every package is fetched and verified (offline: checked), so a missing vLLM
    resource is named before flash-attn's hour of compiling, not after it;
 3. an estimate from the recorded profiles (``recipes/profiles/``), for this machine;
-4. each package is built (``--keep-going``: a failure does not stop the others);
+4. the packages are built at once on one job budget (a jobserver every ninja joins: ``jobserver``),
+   none of them needing another's wheel to compile (vLLM builds against the stack's FlashInfer
+   *pin*); ``--one-at-a-time`` builds them in dependency order instead. With ``--keep-going`` a
+   failure does not stop the others;
 5. a closing table: version, wheel, wall, CPU-seconds, peak memory, cache hits, verify, built or reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BlackwheelError, MissingOffline, SourceError
+from .interrupt import SignalsRaise, descendants, end_processes
 from .jobs import machine_resources, plan_jobs
+from .jobserver import jobserver
 
 
 # ---- 2. sources first ------------------------------------------------------------------------------
@@ -141,20 +149,62 @@ def closing_table(rows: list[dict]) -> str:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def build_stack(requests, keep_going: bool = False, build=None) -> tuple[list[dict], int]:
+def build_stack(requests, keep_going: bool = False, build=None, together: bool = True,
+                resources=None) -> tuple[list[dict], int]:
     """Sources first, an estimate, every package, then the closing table (printed). Returns (rows, rc)."""
     if build is None:
         from .build import build_package as build
     for note in fetch_everything_first(requests):
         print(f"note: {note}", file=sys.stderr)
-    print(estimate_text(requests), file=sys.stderr)
-    rows = []
-    for req in requests:
-        try:
-            rows.append(outcome_row(req, build(req)))
-        except BlackwheelError as exc:
-            if not keep_going:
-                raise
-            rows.append(outcome_row(req, error=exc))
+    resources = resources or machine_resources()
+    print(estimate_text(requests, resources), file=sys.stderr)
+    if together and len(requests) > 1:
+        rows = _build_together(requests, build, resources)
+        failed = [r for r in rows if r["result"] == "FAILED"]
+        if failed and not keep_going:
+            print(closing_table(rows))
+            raise failed[0]["exception"]
+    else:
+        rows = []
+        for req in requests:
+            try:
+                rows.append(outcome_row(req, build(req)))
+            except BlackwheelError as exc:
+                if not keep_going:
+                    raise
+                rows.append(outcome_row(req, error=exc))
     print(closing_table(rows))
     return rows, (1 if any(r["result"] == "FAILED" for r in rows) else 0)
+
+
+def _build_together(requests, build, resources) -> list[dict]:
+    """Every package at once, one jobserver for all their compiles; rows in the requests' order.
+
+    The budget is planned for the whole machine with the heaviest unit of any package. A signal
+    ends every build's processes (each build's own cleanup stops its compiler cache)."""
+    cores, avail = resources
+    unit_gib = max(float(r.recipe.expect.get("unit-memory-gib", 2.0)) for r in requests)
+    plan = plan_jobs(cores, avail, int(unit_gib * 2**30))
+    names = ", ".join(r.recipe.name for r in requests)
+    print(f"building {names} at once on one budget of {plan.jobs} jobs ({plan.reason})", file=sys.stderr)
+    with jobserver(plan.jobs, len(requests)) as shared:
+        reqs = [dataclasses.replace(r, extra_env={**r.extra_env, **shared}, live=False) for r in requests]
+        with ThreadPoolExecutor(len(reqs), thread_name_prefix="build") as pool:
+            futures = [pool.submit(build, r) for r in reqs]
+            try:
+                with SignalsRaise():
+                    for f in futures:
+                        f.exception()          # waits; a signal arrives here, in the main thread
+            except BaseException:
+                end_processes(lambda: descendants([os.getpid()]))
+                raise
+    rows = []
+    for req, f in zip(requests, futures):
+        exc = f.exception()
+        if exc is None:
+            rows.append(outcome_row(req, f.result()))
+        elif isinstance(exc, BlackwheelError):
+            rows.append({**outcome_row(req, error=exc), "exception": exc})
+        else:
+            raise exc
+    return rows
