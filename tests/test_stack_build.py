@@ -63,6 +63,7 @@ def test_keep_going_builds_the_others_and_names_the_failure_and_its_log(tmp_path
     rows, rc = build_stack(reqs, keep_going=True, build=build, together=False)
     assert rc == 1 and [r["result"] for r in rows] == ["FAILED", "built"]
     assert rows[0]["log"] == "/logs/fa.log" and rows[1]["cache_hits"] == "3/4" and rows[1]["verify"] == "ok"
+    assert rows[1]["estimate_s"] > 0 and "estimate_s" not in rows[0]       # beside the actual, when built
     out = capsys.readouterr()
     assert "flash-attn failed: flash-attn build failed" in out.out and "vllm-0.25.1+cu130.sm121" in out.out
     assert "estimate: about" in out.err

@@ -97,8 +97,12 @@ def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
 
 def estimate_text(requests, resources=None) -> str:
     """``about N min on this machine (C cores, M GiB)``, then one line per package."""
-    cores, avail = resources or machine_resources()
-    rows = [estimate_request(r, cores, avail) for r in requests]
+    resources = resources or machine_resources()
+    return _estimate_lines([estimate_request(r, *resources) for r in requests], resources)
+
+
+def _estimate_lines(rows: list[Estimate], resources) -> str:
+    cores, avail = resources
     known = [e.seconds for e in rows if e.seconds is not None]
     head = (f"estimate: about {sum(known) / 60:.0f} min on this machine ({cores} cores, "
             f"{avail / 2**30:.0f} GiB free), packages one after another")
@@ -135,8 +139,10 @@ def _log_of(message: str) -> str | None:
 
 
 def closing_table(rows: list[dict]) -> str:
-    head = ("package", "version", "result", "wheel", "wall s", "CPU s", "peak GiB", "cache hits", "verify")
-    keys = ("package", "version", "result", "wheel", "wall_s", "cpu_s", "peak_gib", "cache_hits", "verify")
+    head = ("package", "version", "result", "wheel", "wall s", "estimate s", "CPU s", "peak GiB",
+            "cache hits", "verify")
+    keys = ("package", "version", "result", "wheel", "wall_s", "estimate_s", "cpu_s", "peak_gib",
+            "cache_hits", "verify")
     body = [[("-" if r.get(k) is None else str(r.get(k))) for k in keys] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -157,24 +163,32 @@ def build_stack(requests, keep_going: bool = False, build=None, together: bool =
     for note in fetch_everything_first(requests):
         print(f"note: {note}", file=sys.stderr)
     resources = resources or machine_resources()
-    print(estimate_text(requests, resources), file=sys.stderr)
+    estimates = [estimate_request(r, *resources) for r in requests]
+    print(_estimate_lines(estimates, resources), file=sys.stderr)
     if together and len(requests) > 1:
         rows = _build_together(requests, build, resources)
-        failed = [r for r in rows if r["result"] == "FAILED"]
-        if failed and not keep_going:
-            print(closing_table(rows))
-            raise failed[0]["exception"]
     else:
-        rows = []
-        for req in requests:
-            try:
-                rows.append(outcome_row(req, build(req)))
-            except BlackwheelError as exc:
-                if not keep_going:
-                    raise
-                rows.append(outcome_row(req, error=exc))
+        rows = _build_one_after_another(requests, build, keep_going)
+    for row, est in zip(rows, estimates):      # the estimate beside the actual, for what was built
+        if row["result"] == "built" and est.seconds is not None:
+            row["estimate_s"] = round(est.seconds)
     print(closing_table(rows))
-    return rows, (1 if any(r["result"] == "FAILED" for r in rows) else 0)
+    failed = [r for r in rows if r["result"] == "FAILED"]
+    if failed and not keep_going:
+        raise failed[0]["exception"]
+    return rows, (1 if failed else 0)
+
+
+def _build_one_after_another(requests, build, keep_going: bool) -> list[dict]:
+    rows = []
+    for req in requests:
+        try:
+            rows.append(outcome_row(req, build(req)))
+        except BlackwheelError as exc:
+            rows.append({**outcome_row(req, error=exc), "exception": exc})
+            if not keep_going:
+                break                           # stop at the first failure; the table says which
+    return rows
 
 
 def _build_together(requests, build, resources) -> list[dict]:
