@@ -71,6 +71,17 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def faults(session: nox.Session) -> None:
+    """Faults injected at seeded random points (kill -9, tampering, races), 20 trials a point;
+    results in docs/reports/faults.json (the fast part runs in `tests` with 3 trials)."""
+    session.install(f"torch=={os.environ.get('BLACKWHEEL_TEST_TORCH', '2.14.1')}")
+    session.install("-e", ".[test]")
+    env = {"BLACKWHEEL_FAULT_TRIALS": os.environ.get("BLACKWHEEL_FAULT_TRIALS", "20"),
+           "BLACKWHEEL_FAULTS_OUT": str(ROOT / "docs" / "reports")}
+    session.run("pytest", "-q", "tests/faults", *session.posargs, env=env)
+
+
+@nox.session(default=False)
 def build(session: nox.Session) -> None:
     """Build one package: nox -s build -- PACKAGE [--target T] [--stack S] [--use-current-env]."""
     _build_venv(session, tuple(session.posargs[:1]))

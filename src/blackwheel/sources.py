@@ -270,6 +270,9 @@ class Fetcher:
             return f"not in the bundle {self.mirror}"
         where = self.mirror or Path("$BLACKWHEEL_MIRROR")
         if src.kind == "git":
+            repo = stores.find_repo(where, src.url) if self.mirror else None
+            if repo is not None:
+                return f"the mirror's repository {repo} lacks commit {src.commit}"
             return f"expected a bare repo at {stores.repo_path(where, src.url)}"
         sub = "pypi" if src.kind == "pypi" else "url"
         return f"expected the file under {where / sub}"
@@ -365,12 +368,14 @@ class Fetcher:
                     "tree_sha256": tree_sha256(tree), "absent": absent}
             self._check_tree(src, info)          # before anything lands in the cache
             final.parent.mkdir(parents=True, exist_ok=True)
+            # the record first: a tree is never visible without it (a kill between the two leaves a
+            # record alone, which _tree_record does not read without its tree)
+            atomic_write_json(final.with_name(final.name + ".json"), info)
             try:
                 os.rename(tree, final)
             except OSError:
                 if not final.is_dir():
                     raise
-            atomic_write_json(final.with_name(final.name + ".json"), info)
         return final
 
     def _check_tree(self, src: Source, info: dict) -> None:

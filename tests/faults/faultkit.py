@@ -1,0 +1,277 @@
+"""Shared pieces of the fault tests: small real inputs (git repositories, a mirror, an sdist, a bundle,
+a wheel), a subprocess driver killed with SIGKILL at seeded points, and the checks a cache, a
+wheelhouse and a static index must pass after any fault.
+
+Knobs (environment):
+    BLACKWHEEL_FAULT_TRIALS   trials per fault point (default 3; the full run uses 20)
+    BLACKWHEEL_FAULT_POINTS   fault points drawn per case (default 3)
+    BLACKWHEEL_FAULT_SEED     the seed of every case's generator (default 1969)
+    BLACKWHEEL_FAULTS_OUT     folder for faults.json (default: a pytest tmp folder)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+from blackwheel.fsutil import sha256_file, tree_sha256
+from blackwheel.sources import Source
+
+ROOT = Path(__file__).resolve().parents[2]
+TRIALS = int(os.environ.get("BLACKWHEEL_FAULT_TRIALS", "3"))
+POINTS = int(os.environ.get("BLACKWHEEL_FAULT_POINTS", "3"))
+SEED = int(os.environ.get("BLACKWHEEL_FAULT_SEED", "1969"))
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "init.defaultBranch=main",
+       "-c", "protocol.file.allow=always"]
+SHARED = "".join(f"// a header line both repositories carry, {i}\n" for i in range(400))
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def repo(root: Path, name: str, files: dict[str, str], message: str | None = None) -> str:
+    """A fresh work repository ``root/work-<name>`` with one commit of ``files``; its commit id."""
+    work = root / f"work-{name}"
+    work.mkdir(parents=True)
+    git("init", "-q", cwd=work)
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    git("add", ".", cwd=work)
+    git("commit", "-qm", message or name, cwd=work)
+    return git("rev-parse", "HEAD", cwd=work)
+
+
+def make_world(tmp: Path) -> dict:
+    """As tests/test_bundle.py's ``world``: mirror with o/lib and o/app (lib as submodule of app), an
+    sdist in the mirror, the Sources pinning them; plus some bulk so a fetch takes measurable time."""
+    bulk = {f"gen/part{i:02d}.h": "".join(f"// generated {i}.{j} {hashlib.sha256(f'{i}{j}'.encode()).hexdigest()}\n"
+                                            for j in range(300)) for i in range(40)}
+    lib_commit = repo(tmp, "lib", {"include/big.h": SHARED, "lib.h": "int lib;\n", **bulk})
+    app = tmp / "work-app"
+    app.mkdir()
+    git("init", "-q", cwd=app)
+    files = {"src/app.c": "int main(void){return 0;}\n", "vendor/big.h": SHARED,
+             ".gitmodules": '[submodule "lib"]\n\tpath = third_party/lib\n\turl = https://github.com/o/lib\n'}
+    for rel, text in files.items():
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(text)
+    git("add", ".", cwd=app)
+    git("update-index", "--add", "--cacheinfo", f"160000,{lib_commit},third_party/lib", cwd=app)
+    git("commit", "-qm", "app", cwd=app)
+    app_commit = git("rev-parse", "HEAD", cwd=app)
+    (app / "src/app.c").write_text("int main(void){return 1;}\n")
+    git("commit", "-qam", "later", cwd=app)
+    mirror = tmp / "mirror"
+    for name in ("lib", "app"):
+        dest = mirror / "git" / "github.com" / "o" / f"{name}.git"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        git("clone", "-q", "--mirror", str(tmp / f"work-{name}"), str(dest), cwd=tmp)
+    (mirror / "pypi").mkdir()
+    sdist_dir = tmp / "sdist" / "app-1.0"
+    sdist_dir.mkdir(parents=True)
+    (sdist_dir / "setup.py").write_text("# app\n")
+    (sdist_dir / "blob.bin").write_bytes(os.urandom(4 << 20))   # 4 MiB: copying and hashing take a while
+    archive = mirror / "pypi" / "app-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist_dir, arcname="app-1.0")
+    return {
+        "tmp": tmp, "mirror": mirror, "lib_commit": lib_commit, "app_commit": app_commit,
+        "sdist": Source("app", "pypi", sha256_file(archive), pypi="app", version="1.0"),
+        "app": Source("app-src", "git", "", url="https://github.com/o/app", commit=app_commit,
+                      submodules=True, submodule_paths=("third_party/lib",), role="resource", env="APP_SRC_DIR"),
+    }
+
+
+def source_json(src: Source) -> dict:
+    d = asdict(src)
+    d["submodule_paths"] = list(d["submodule_paths"])
+    return d
+
+
+def source_from_json(d: dict) -> Source:
+    return Source(**{**d, "submodule_paths": tuple(d["submodule_paths"])})
+
+
+# ---- a driver in its own process, killed at a point ------------------------------------------------
+def driver_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def start(code: str, args: dict) -> subprocess.Popen:
+    """Start ``python -c code`` (it prints ``ready`` once imported, then works); returns once ready."""
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=driver_env(), start_new_session=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        out, err = proc.communicate()
+        raise AssertionError(f"driver did not start: {line}{out}{err}")
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"driver failed ({proc.returncode}): {err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def timed_run(code: str, args: dict) -> tuple[dict, float]:
+    """One un-killed run: its result and how long its work took (from ``ready`` to exit)."""
+    proc = start(code, args)
+    t0 = time.monotonic()
+    result = finish(proc)
+    return result, time.monotonic() - t0
+
+
+def kill_after(code: str, args: dict, delay: float) -> bool:
+    """Run the driver and SIGKILL its whole process group (git children too) ``delay`` s after it is
+    ready. True if it was killed, False if it had finished first."""
+    proc = start(code, args)
+    try:
+        proc.wait(timeout=delay)
+        proc.communicate()
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return True
+
+
+def points(rng, n: int = POINTS) -> list[float]:
+    """Fault points as fractions of an un-killed run's duration."""
+    return sorted(round(rng.random(), 4) for _ in range(n))
+
+
+# ---- what must hold after a fault --------------------------------------------------------------------
+def check_cache(cache: Path) -> tuple[list[str], list[str]]:
+    """(problems, leftovers) of a cache after a fault. A problem is something a reader could take:
+    a visible archive with other bytes, a tree without its record or not matching it, an unpacked
+    bundle without bundle.json. Leftovers are dot-prefixed temporaries (never read)."""
+    problems, leftovers = [], []
+    for folder in sorted((cache / "sources" / "sha256").glob("*")):
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith("."):
+                leftovers.append(str(f.relative_to(cache)))
+            elif sha256_file(f) != folder.name:
+                problems.append(f"visible archive {f.relative_to(cache)} does not hash to its folder name")
+    git_root = cache / "sources" / "git"
+    for tree in sorted(git_root.glob("*")) if git_root.is_dir() else []:
+        if tree.name.startswith("."):
+            leftovers.append(str(tree.relative_to(cache)))
+        elif tree.is_dir():
+            record = tree.with_name(tree.name + ".json")
+            if not record.is_file():
+                problems.append(f"tree {tree.relative_to(cache)} has no record")
+            elif json.loads(record.read_text())["tree_sha256"] != tree_sha256(tree):
+                problems.append(f"tree {tree.relative_to(cache)} differs from its record")
+        elif tree.suffix == ".json":
+            json.loads(tree.read_text())   # a half-written record would raise here
+    for root in sorted((cache / "bundles").glob("*")):
+        if root.name.startswith("."):
+            leftovers.append(str(root.relative_to(cache)))
+        elif not (root / "bundle.json").is_file():
+            problems.append(f"unpacked bundle {root.relative_to(cache)} has no bundle.json")
+    for tmp in sorted((cache / "tmp").glob("*")):
+        leftovers.append(str(tmp.relative_to(cache)))
+    return problems, leftovers
+
+
+def make_wheel(where: Path, name: str = "bw_fault", version: str = "1.0+cu130.sm121", value: int = 1,
+               bulk: int = 6 << 20) -> Path:
+    """A small valid pure-python wheel (METADATA, WHEEL, RECORD) with ``bulk`` random bytes in it."""
+    where.mkdir(parents=True, exist_ok=True)
+    wheel = where / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    members = {
+        f"{name}/__init__.py": f"VALUE = {value}\n".encode(),
+        f"{name}/blob.bin": os.urandom(bulk),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n"
+                            f"Requires-Python: >=3.9\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: blackwheel-faults\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},"
+                     f"{len(d)}\n" for n, d in members.items()) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+        zf.writestr(f"{info}/RECORD", record)
+    return wheel
+
+
+def manifest_for(wheel: Path, stack: str, target: str) -> dict:
+    """What the build stage hands ``wheelhouse.place`` (place adds wheel, sha256 and size)."""
+    name, version = wheel.name.split("-")[:2]
+    return {"package": name.replace("_", "-"), "version": version, "stack": stack, "target": target,
+            "build_key": "k" * 16, "sources": [{"name": name, "kind": "pypi", "version": "1.0",
+                                                "sha256": "ab" * 32, "role": "sdist"}],
+            "patches": [], "toolchain": {"nvcc": "13.0.88"}, "verify": {"ok": True}}
+
+
+def check_wheelhouse(root: Path) -> tuple[list[str], list[str]]:
+    """(problems, leftovers): every visible wheel has a manifest describing its bytes; orphan
+    manifests and dot temporaries are leftovers (no reader lists them)."""
+    from blackwheel.provenance import MANIFEST_SUFFIX, checked_manifest
+    from blackwheel.errors import PublishError
+
+    problems, leftovers = [], []
+    leftovers += [str(p.relative_to(root)) for p in root.glob(".*")]     # e.g. an index being written
+    for folder in sorted(p for p in root.glob("*/*") if p.is_dir() and not p.parts[-2].startswith(".")
+                         and p.parts[-2] != "index"):
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith("."):
+                leftovers.append(str(f.relative_to(root)))
+            elif f.name.endswith(".whl"):
+                manifest = f.with_name(f.name + MANIFEST_SUFFIX)
+                if not manifest.is_file():
+                    problems.append(f"wheel {f.name} visible without its manifest")
+                    continue
+                try:
+                    checked_manifest(f, sha256_file(f), manifest)
+                except PublishError as exc:
+                    problems.append(str(exc))
+            elif f.name.endswith(MANIFEST_SUFFIX) and not f.with_name(f.name[: -len(MANIFEST_SUFFIX)]).is_file():
+                leftovers.append(f"orphan manifest {f.relative_to(root)}")
+    return problems, leftovers
+
+
+def check_index(out: Path) -> list[str]:
+    """An index that is absent, or whole: every page's file exists with the hash and size it lists,
+    the metadata file hashes as listed, and the manifest beside agrees with the wheel."""
+    if not out.exists():
+        return []
+    problems = []
+    top = out / "simple" / "index.json"
+    if not top.is_file():
+        return [f"{out} exists without simple/index.json"]
+    for project in json.loads(top.read_text())["projects"]:
+        from packaging.utils import canonicalize_name
+        page = json.loads((out / "simple" / canonicalize_name(project["name"]) / "index.json").read_text())
+        for entry in page["files"]:
+            f = out / "files" / entry["filename"]
+            if not f.is_file():
+                problems.append(f"index lists {entry['filename']} but files/ lacks it")
+                continue
+            if sha256_file(f) != entry["hashes"]["sha256"] or f.stat().st_size != entry["size"]:
+                problems.append(f"files/{f.name} differs from the hash or size its page lists")
+            meta = f.with_name(f.name + ".metadata")
+            if hashlib.sha256(meta.read_bytes()).hexdigest() != entry["core-metadata"]["sha256"]:
+                problems.append(f"files/{meta.name} differs from its listed hash")
+            manifest = f.with_name(f.name + ".manifest.json")
+            if manifest.is_file() and json.loads(manifest.read_text())["wheel_sha256"] != entry["hashes"]["sha256"]:
+                problems.append(f"files/{manifest.name} describes other bytes than the indexed wheel")
+    return problems
