@@ -32,6 +32,7 @@ COMMANDS = {
     "provenance": ("index", "print where every byte of a wheel came from"),
     "smoke-install": ("index", "install from an index into a fresh venv and import each package"),
     "report": ("gpu_report", "turn kernel test and bench results into JSON, Markdown and PNG"),
+    "test-upstream": ("upstream_tests", "run a package's own test suite against the installed wheels"),
 }
 
 

@@ -108,6 +108,18 @@ class PatchSpec:
 
 
 @dataclass(frozen=True)
+class UpstreamTests:
+    """Upstream's own tests for a version: where they live and which files prove our wheels.
+
+    ``source`` None: the sdist carries them (vLLM's tests/kernels); else a pinned git tree (FlashInfer
+    keeps its tests out of the sdist). Never fetched for a build."""
+
+    paths: tuple[str, ...]
+    source: Source | None = None
+    env: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
 class RecipeVersion:
     version: str
     sdist: Source
@@ -115,6 +127,7 @@ class RecipeVersion:
     patches: tuple[PatchSpec, ...] = ()
     gcc: SpecifierSet | None = None          # host compiler the version needs
     requirements_files: tuple[str, ...] = ()  # files in the sdist whose pins the stack must satisfy
+    tests: UpstreamTests | None = None        # upstream's own test suite (`blackwheel test-upstream`)
 
     def resources_for(self, target: Target, torch_version: str,
                       target_archs: tuple[CudaArch, ...] = ()) -> tuple[Source, ...]:
@@ -233,7 +246,18 @@ def _version_from_toml(d: dict, recipe_name: str, where: str) -> RecipeVersion:
         patches.append(PatchSpec(path, Condition.from_toml(p.get("when"), f"{where} {p['file']}")))
     gcc = SpecifierSet(d["gcc"]) if d.get("gcc") else None
     return RecipeVersion(ver, sdist, resources, tuple(patches), gcc,
-                         tuple(d.get("requirements-files", ())))
+                         tuple(d.get("requirements-files", ())), _tests_from_toml(d.get("tests"), recipe_name, where))
+
+
+def _tests_from_toml(d: dict | None, recipe_name: str, where: str) -> UpstreamTests | None:
+    if not d:
+        return None
+    d = dict(d)
+    paths, env = tuple(d.pop("paths", ())), {k: str(v) for k, v in d.pop("env", {}).items()}
+    if not paths or any(not p.startswith("tests/") for p in paths):
+        raise RecipeError(f"{where}: [versions.tests] needs paths under tests/, got {list(paths)}")
+    source = _source_from_toml(d, f"{recipe_name}-tests", "tests", where) if d else None
+    return UpstreamTests(paths, source, env)
 
 
 def load_recipe(name: str) -> Recipe:
