@@ -9,6 +9,7 @@ import setuptools  # noqa: F401
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,14 @@ def flash_attn_recipes(tmp_path, monkeypatch):
     monkeypatch.setenv("BLACKWHEEL_RECIPES", str(recipes))
     monkeypatch.setenv("BLACKWHEEL_PATCHES", str(ROOT / "patches"))
     return recipes
+
+
+def wait_until(seconds: float, condition) -> bool:
+    """``condition()`` became true within ``seconds`` (checked every 50 ms): tests wait on
+    conditions with a deadline, never on a sleep (a process ends a little after its signal)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
+
 from blackwheel import ccache, memgate
 from blackwheel import ninja as nj
 from blackwheel.ccache import CacheConfig
@@ -335,17 +337,8 @@ def test_a_down_redis_falls_back_to_local_without_leaking_a_server(tmp_path):
         assert ccache.stats(SCCACHE, env)["requests"] == 0
     finally:
         ccache.stop_server(SCCACHE, env)
-    assert _within(10, lambda: ccache.server_pids(server_port) == []), ccache.server_pids(server_port)
+    assert wait_until(10, lambda: ccache.server_pids(server_port) == []), ccache.server_pids(server_port)
 
-
-def _within(seconds: float, condition) -> bool:
-    """``condition()`` became true within ``seconds``: a process ends a little after its signal."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_off_needs_no_server(tmp_path):

@@ -22,21 +22,12 @@ from blackwheel import interrupt
 from blackwheel.errors import Interrupted
 from blackwheel.progress import run_logged
 from tests import cuda_ext
-from tests.conftest import needs_nvcc_and_torch
+from tests.conftest import needs_nvcc_and_torch, wait_until
 
 SRC = str(Path(interrupt.__file__).resolve().parents[1])   # blackwheel is a namespace package
 ENDED_WITHIN_S = 10   # the issue's bound, from the signal to the last compiler gone
 COMPILERS = {"cudafe++", "cicc", "ptxas", "cc1plus"}   # the stages of an nvcc compile that take the time
 
-
-def _within(seconds: float, condition) -> bool:
-    """``condition()`` became true within ``seconds`` (checked every 50 ms)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _running(pids) -> list[int]:
@@ -57,7 +48,7 @@ def test_end_processes_ends_a_tree_whose_middle_dies_first_and_kills_what_ignore
               f"open(\"{pids}\", \"a\").write(f\"{{os.getpid()}} \"); time.sleep(300)' & wait")
     top = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     try:
-        assert _within(10, lambda: len(_pids(pids)) == 2)
+        assert wait_until(10, lambda: len(_pids(pids)) == 2)
         tree = _pids(pids) + [top.pid]
         start = time.monotonic()
         left = interrupt.end_processes(lambda: interrupt.session_tree(top.pid), grace=0.5, kill_wait=2)
@@ -77,7 +68,7 @@ def test_session_tree_finds_jobs_in_their_own_group_and_one_that_left_the_sessio
               f"setsid sleep 300 & echo $! >> {pids}; wait")
     top = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     try:
-        assert _within(10, lambda: len(_pids(pids)) == 2)
+        assert wait_until(10, lambda: len(_pids(pids)) == 2)
         assert set(_pids(pids)) | {top.pid} <= interrupt.session_tree(top.pid)
         assert os.getpid() not in interrupt.session_tree(top.pid)
     finally:
@@ -175,9 +166,9 @@ def fake_server(tmp_path):
     port, listed = str(free_port()), tmp_path / "server-jobs"
     env = {**os.environ, "SCCACHE_START_SERVER": "1", "SCCACHE_SERVER_PORT": port}
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(listed)], env=env, start_new_session=True)
-    assert _within(10, lambda: len(_pids(listed)) == 2)
+    assert wait_until(10, lambda: len(_pids(listed)) == 2)
     shells = _pids(listed)
-    assert _within(10, lambda: len(interrupt.descendants(shells)) == 2)   # each shell's sleep
+    assert wait_until(10, lambda: len(interrupt.descendants(shells)) == 2)   # each shell's sleep
     jobs = shells + sorted(interrupt.descendants(shells))
     yield port, server, jobs
     for pid in _running(jobs):   # a test that failed leaves them
@@ -194,12 +185,12 @@ def test_a_signal_to_blackwheel_ends_every_process_its_build_started(tmp_path, f
     driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(port=port, script=script, tmp=str(tmp_path))],
                               env={**os.environ, "PYTHONPATH": SRC}, stderr=subprocess.PIPE, text=True)
     try:
-        assert _within(30, lambda: len(_pids(pids)) == 5), "the stand-in build did not start"
+        assert wait_until(30, lambda: len(_pids(pids)) == 5), "the stand-in build did not start"
         build = _pids(pids)
         assert _running(build + server_jobs) == build + server_jobs
         driver.send_signal(sig)
         signalled = time.monotonic()
-        assert _within(ENDED_WITHIN_S, lambda: not _running(build + server_jobs)), \
+        assert wait_until(ENDED_WITHIN_S, lambda: not _running(build + server_jobs)), \
             f"left running: {_running(build + server_jobs)}"
         took = time.monotonic() - signalled
         err = driver.communicate(timeout=ENDED_WITHIN_S)[1]
@@ -255,11 +246,11 @@ def test_sigterm_to_a_real_build_leaves_no_compiler_running(bw_env):
     driver = subprocess.Popen([sys.executable, "-m", "blackwheel.cli", "build", cuda_ext.NAME, "--target",
                                "blackwell", "--stack", "test"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        assert _within(240, lambda: server_compiles() & COMPILERS), "the sccache server ran no compiler"
+        assert wait_until(240, lambda: server_compiles() & COMPILERS), "the sccache server ran no compiler"
         running = sorted(name for name, _ in build_processes().values())
         driver.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        ended = _within(ENDED_WITHIN_S, lambda: not build_processes())
+        ended = wait_until(ENDED_WITHIN_S, lambda: not build_processes())
         took, left = time.monotonic() - signalled, build_processes()
         err = driver.communicate(timeout=30)[1]
     finally:
