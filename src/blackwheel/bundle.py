@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import mirror as stores
 from .errors import HashMismatch, SourceError, UsageError
-from .fsutil import atomic_write_json, sha256_file
+from .fsutil import atomic_write_json, disk_full, sha256_file
 
 FORMAT = "blackwheel-source-bundle/1"
 PACK = "git/objects.pack"
@@ -187,10 +187,19 @@ def open_bundle(path: Path, cache: Path) -> OpenedBundle:
         except OSError:
             if not (root / "bundle.json").is_file():
                 raise
+    except OSError as exc:
+        if disk_full(exc):
+            raise _no_space(path, root.parent) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"unpacked source bundle {path.name}: {len(meta['sources'])} sources verified", file=sys.stderr)
     return OpenedBundle(root, meta)
+
+
+def _no_space(path: Path, where: Path) -> SourceError:
+    return SourceError(f"no space left on device unpacking source bundle {path.name} into {where}: "
+                       "free some space and rerun (nothing half-unpacked was left)")
 
 
 def _unpack(path: Path, dest: Path) -> dict:
@@ -224,6 +233,8 @@ def _unpack(path: Path, dest: Path) -> dict:
                 proc = subprocess.run(["git", "--git-dir", str(store), "index-pack", "--stdin"],
                                       stdin=pack, capture_output=True)
             packed.unlink()
+            if proc.returncode != 0 and b"No space left on device" in proc.stderr:
+                raise _no_space(path, dest.parent)      # not a verification failure: say so
             if proc.returncode != 0:       # every object id is recomputed from its bytes here
                 raise HashMismatch(f"{path}: the git objects do not verify: "
                                    f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +48,11 @@ def tree_sha256(root: str | os.PathLike) -> str:
     for line in sorted(entries):
         h.update(line)
     return h.hexdigest()
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True for the OSError of a full disk (or an exhausted quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:

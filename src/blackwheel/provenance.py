@@ -11,6 +11,7 @@ the toolchain as the BOM's tools.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -27,9 +28,28 @@ MANIFEST_SUFFIX = ".manifest.json"
 SBOM_SUFFIX = ".cdx.json"
 CYCLONEDX_SPEC = "1.6"
 _REQUIRED = ("package", "version", "wheel", "wheel_sha256")
+SEAL = "manifest_sha256"   # sha256 of the manifest's canonical JSON without this field
 
 
-def load_manifest(path: Path) -> dict:
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of ``manifest``'s canonical JSON (sorted keys, no spaces, UTF-8) without the seal field."""
+    body = {key: val for key, val in manifest.items() if key != SEAL}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    """``manifest`` (as JSON would carry it) with its seal field set."""
+    body = json.loads(json.dumps({key: val for key, val in manifest.items() if key != SEAL}))
+    return {**body, SEAL: manifest_digest(body)}
+
+
+def seal_state(manifest: dict) -> str:
+    """``"sealed"``, or ``"unsealed"`` for a manifest written before manifests carried a seal."""
+    return "sealed" if SEAL in manifest else "unsealed"
+
+
+def load_manifest(path: Path, check_seal: bool = True) -> dict:
     """Read and sanity-check one manifest; a broken one is a one-line error naming the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -40,7 +60,15 @@ def load_manifest(path: Path) -> dict:
     missing = [key for key in _REQUIRED if not data.get(key)]
     if missing:
         raise PublishError(f"manifest {path} lacks {', '.join(missing)}")
+    if check_seal:
+        _check_seal(data, path)
     return data
+
+
+def _check_seal(data: dict, path: Path, wheel_note: str = "") -> None:
+    if SEAL in data and data[SEAL] != manifest_digest(data):
+        raise PublishError(f"manifest {path} was edited after it was written: its {SEAL} is {data[SEAL]} but its "
+                           f"content hashes to {manifest_digest(data)}{wheel_note}")
 
 
 def find_manifest(wheel: Path, sha256: str, wheelhouse: Path | None) -> Path | None:
@@ -61,7 +89,9 @@ def find_manifest(wheel: Path, sha256: str, wheelhouse: Path | None) -> Path | N
 
 def checked_manifest(wheel: Path, sha256: str, manifest_path: Path) -> dict:
     """Load the manifest and refuse it unless it describes exactly these bytes."""
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, check_seal=False)
+    _check_seal(manifest, manifest_path, "" if manifest["wheel_sha256"] == sha256 else
+                f" (it records wheel_sha256 {manifest['wheel_sha256']}, {wheel.name} has sha256 {sha256})")
     if manifest["wheel_sha256"] != sha256:
         raise PublishError(
             f"{wheel.name} has sha256 {sha256} but its manifest {manifest_path} records "
@@ -218,7 +248,9 @@ def _arch_lines(manifest: dict) -> list[str]:
 
 def describe(wheel: Path, sha256: str, manifest: dict, manifest_path: Path) -> str:
     """The human report ``blackwheel provenance`` prints."""
-    out = [f"{wheel.name}", f"  sha256 {sha256} (matches {manifest_path})",
+    seal = ("sealed (content matches its manifest_sha256)" if seal_state(manifest) == "sealed" else
+            "unsealed (written before manifests carried manifest_sha256: an edit of its fields cannot be detected)")
+    out = [f"{wheel.name}", f"  sha256 {sha256} (matches {manifest_path})", f"  manifest {seal}",
            f"  {manifest['package']} {manifest['version']}  stack {manifest.get('stack', '?')}"
            f"  target {manifest.get('target', '?')}", "sources:"]
     for s in manifest.get("sources") or []:

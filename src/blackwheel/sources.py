@@ -51,7 +51,7 @@ from packaging.utils import canonicalize_name
 from . import mirror as stores
 from .targets import DEFAULT_TARGET
 from .errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive, UsageError
-from .fsutil import atomic_write_json, sha256_file, tree_sha256
+from .fsutil import atomic_write_json, disk_full, sha256_file, tree_sha256
 
 GIT_COMMIT_LEN = 40
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -489,27 +489,44 @@ def _download(url: str, dest: Path) -> None:
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Extract ``archive`` into ``dest``, refusing absolute paths, ``..`` and links leaving the tree.
 
+    The members land first in a dot-prefixed folder beside ``dest``, which is renamed into place
+    once whole: a failure (a full disk, a corrupt archive) leaves no half-extracted tree.
     Returns the single top-level folder if there is one (sdists have ``name-version/``), else dest.
     """
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     name = archive.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                  # the mode a plain mkdir gives, not mkdtemp's 0700
     try:
         if name.endswith((".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")):
             with tarfile.open(archive) as tar:
                 for member in tar.getmembers():  # the data filter would strip a leading '/': refuse it
                     _check_member_path(member.name, archive)
-                tar.extractall(dest, filter="data")  # rejects absolute, '..', outside links, devices
+                tar.extractall(tmp, filter="data")  # rejects absolute, '..', outside links, devices
         elif name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
                 for member in zf.namelist():
                     _check_member_path(member, archive)
-                zf.extractall(dest)
+                zf.extractall(tmp)
         else:
             raise SourceError(f"{archive}: unknown archive type")
+        if dest.is_dir() and any(dest.iterdir()):   # extracting over an existing tree: merge, as before
+            shutil.copytree(tmp, dest, symlinks=True, dirs_exist_ok=True)
+        else:
+            os.replace(tmp, dest)                   # onto nothing, or onto an empty folder
     except tarfile.FilterError as exc:
         raise UnsafeArchive(f"{archive.name}: refused unsafe member: {exc}") from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise SourceError(f"{archive.name}: corrupt archive: {exc}") from None
+    except OSError as exc:
+        if disk_full(exc):
+            raise SourceError(f"no space left on device extracting {archive.name} into {dest.parent}: "
+                              "free some space and rerun (nothing half-extracted was left)") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     tops = [p for p in dest.iterdir()]
     return tops[0] if len(tops) == 1 and tops[0].is_dir() else dest
 

@@ -22,7 +22,8 @@ from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
 from .errors import BuildFailed
-from .fsutil import _temp_beside, atomic_write_json, sha256_file
+from .provenance import sealed
+from .fsutil import _temp_beside, atomic_write_json, disk_full, sha256_file
 
 MANIFEST_SCHEMA = "blackwheel.manifest/1"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -135,10 +136,13 @@ def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> P
         shutil.copyfile(wheel, tmp)   # streamed: a jit-cache wheel is ~2 GB
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "wheel": wheel.name,
                     "wheel_sha256": sha256_file(tmp), "wheel_size": os.path.getsize(tmp)}
-        atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), manifest)
+        atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), sealed(manifest))   # seal: provenance
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if disk_full(exc):
+            raise BuildFailed(f"no space left on device placing {wheel.name} into {where}: free some space "
+                              "and rerun (nothing half-written was left in the wheelhouse)") from None
         raise
     return final
 

@@ -170,18 +170,39 @@ def test_manifest_edited_after_build_is_reported(fault_results, tmp_path):
             if how == "wheel_sha256":
                 caught = caught and sha256_file(final) in message and manifest["wheel_sha256"] in message
         trials.append({"how": how, "caught": caught, "message": message[:300]})
-    # A descriptive field (a source's pin) edited consistently is not detectable from the manifest
-    # alone: it carries no digest of itself. Recorded, not asserted.
-    final = place(wheel, fk.manifest_for(wheel, "s", "t"), tmp_path / "wh-desc", "s", "t")
+    # A descriptive field edited consistently (a source's pin, the toolchain, the verify verdict...):
+    # the seal (manifest_sha256, the hash of the manifest's canonical JSON without it) catches it.
+    drng = random.Random(f"{fk.SEED}:{case} (descriptive fields)")
+    desc = []
+    for i in range(N):
+        final = place(wheel, fk.manifest_for(wheel, "s", "t"), tmp_path / f"wh-desc-{i}", "s", "t")
+        mpath = final.with_name(final.name + ".manifest.json")
+        manifest = json.loads(mpath.read_text())
+        how = drng.choice(["source sha256", "toolchain", "verify", "build_key", "re-indented"])
+        if how == "source sha256":
+            manifest["sources"][0]["sha256"] = "%064x" % drng.getrandbits(256)
+        elif how == "toolchain":
+            manifest["toolchain"]["nvcc"] = f"13.{drng.randrange(10)}.{drng.randrange(100)}x"
+        elif how == "verify":
+            manifest["verify"] = {"ok": True, "edited": drng.random()}
+        elif how == "build_key":
+            manifest["build_key"] = "%016x" % drng.getrandbits(64)
+        mpath.write_text(json.dumps(manifest, indent=drng.choice([None, 1, 4])))   # layout alone is no edit
+        try:
+            report = provenance(final)
+            message = "accepted"
+            caught = how == "re-indented" and "manifest sealed" in report
+        except PublishError as exc:
+            message = str(exc)
+            caught = how != "re-indented" and "edited after it was written" in message and str(mpath) in message \
+                and "\n" not in message
+        desc.append({"how": how, "caught": caught, "message": message[:300]})
+    _record(fault_results, case + " (descriptive fields)", f"{fk.SEED}:{case} (descriptive fields)", desc)
+    # a manifest written before the seal: reported as unsealed, not silently accepted
+    final = place(wheel, fk.manifest_for(wheel, "s", "t"), tmp_path / "wh-old", "s", "t")
     mpath = final.with_name(final.name + ".manifest.json")
     manifest = json.loads(mpath.read_text())
-    manifest["sources"][0]["sha256"] = "ef" * 32
+    del manifest["manifest_sha256"]
     mpath.write_text(json.dumps(manifest))
-    try:
-        provenance(final)
-        undetected.append("a source's sha256 edited in the manifest: provenance accepts it")
-    except PublishError:
-        pass
-    fault_results(case + " (descriptive fields)", seed=fk.SEED, trials=1, survived=1 - len(undetected),
-                  lost=len(undetected), detail=undetected, asserted=False)
+    assert "manifest unsealed (written before manifests carried manifest_sha256" in provenance(final)
     _record(fault_results, case, f"{fk.SEED}:{case}", trials)
