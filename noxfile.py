@@ -183,7 +183,7 @@ def test_kernels(session: nox.Session) -> None:
 @nox.session(default=False)
 def test_upstream(session: nox.Session) -> None:
     """Upstream's own tests (vLLM's tests/kernels, FlashInfer's tests at the pinned tag) against the
-    installed wheels: nox -s test_upstream -- flashinfer --use-current-env [--kernels SET] [-- -x]."""
+    installed wheels: nox -s test_upstream -- flashinfer --use-current-env [--kernels SET] [--only GLOB...]."""
     if "--use-current-env" not in session.posargs:
         session.error("test_upstream runs against the wheels installed in this Python: add --use-current-env")
     _blackwheel(session, "test-upstream", *session.posargs)

@@ -118,3 +118,19 @@ def test_flashinfer_default_coverage_agrees_with_its_attention_modules():
                 derived["logits_soft_cap"].add(0.0)
     declared = coverage_of(recipe, "default")["tests/attention/test_*_kernels.py"]
     assert {k: set(v) for k, v in declared.items()} == derived
+
+
+def test_the_command_line_keeps_some_files_and_passes_pytest_args(upstream, tmp_path, monkeypatch, capsys):
+    from blackwheel import cli
+    recipe, fetcher = upstream
+    stacks = Path(recipe.path).parent / "stacks"
+    stacks.mkdir()
+    (stacks / "s.toml").write_text('name = "s"\ndefault = true\n[pins]\ntorch = "2.11.0"\npkg = "1.0"\n')
+    monkeypatch.setenv("BLACKWHEEL_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("BLACKWHEEL_WORKDIR", str(tmp_path / "work"))
+    rc = cli.main(["test-upstream", "pkg", "--kernels", "small", "--offline", "--only", "tests/attention/*",
+                   "--pytest-args", "-k 'not fails'", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1                                      # a module was missing: not proven
+    assert "| tests/attention/test_decode_kernels.py | 3 | 0 | 1 | 1 | 4 |" in out   # test_fails not run
+    assert (tmp_path / "upstream-tests-pkg.json").is_file()

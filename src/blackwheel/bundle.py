@@ -260,12 +260,14 @@ def register(sub) -> None:
     p.add_argument("--mirror", help="mirror folder or bundle to read sources from")
     p.add_argument("--allow-absent", action="store_true", default=None,
                    help="accept git trees whose store lacks some file contents (named in the bundle)")
+    p.add_argument("--with-tests", action="store_true",
+                   help="also upstream's own tests where they are a pinned tree of their own (test-upstream)")
     p.set_defaults(func=_cmd_bundle)
 
 
 def _cmd_bundle(args) -> int:
     from .recipe import load_stack
-    from .sources import Fetcher, stack_sources
+    from .sources import Fetcher, stack_sources, stack_test_sources
     from .targets import resolve_target
 
     stack = load_stack(args.stack)
@@ -274,6 +276,8 @@ def _cmd_bundle(args) -> int:
         raise UsageError(f"{args.out} is a folder; -o names the bundle file to write")
     fetcher = Fetcher.from_env(args.offline, args.mirror, args.allow_absent)
     sources = stack_sources(stack, target, args.packages or None)
+    if args.with_tests:
+        sources += stack_test_sources(stack, args.packages or None)
     missing, _ = fetcher.check(sources) if fetcher.offline else ([], [])
     if missing:   # offline: refuse before any work, naming everything absent
         raise SourceError(f"cannot bundle {stack.name} / {target.name}: missing {'; '.join(missing)}")

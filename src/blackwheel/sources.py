@@ -564,6 +564,18 @@ def stack_sources(stack, target, packages=None) -> list[Source]:
     return list(out.values())
 
 
+def stack_test_sources(stack, packages=None) -> list[Source]:
+    """The pinned trees of upstream tests (``[versions.tests]`` with a source) of the stack's packages."""
+    from .recipe import load_recipe
+
+    out = []
+    for name in packages or list(stack.pins):
+        tests = load_recipe(name).version(stack.pins[name]).tests
+        if tests is not None and tests.source is not None:
+            out.append(tests.source)
+    return out
+
+
 def _cmd_fetch(args) -> int:
     from .recipe import load_stack
     from .targets import resolve_target

@@ -11,9 +11,11 @@ names the module it lacked: that list is also the trace of what its dispatcher a
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,6 +61,7 @@ def parse_junit(path: Path) -> dict:
     missing: set[str] = set()
     for case in ET.parse(path).getroot().iter("testcase"):
         name = (case.get("file") or case.get("classname", "").replace(".", "/") + ".py")
+        name = name[name.find("tests/"):] if "tests/" in name else name   # as the recipe names it
         counts = files.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
         skipped = case.find("skipped")
         if case.find("failure") is not None or case.find("error") is not None:
@@ -76,11 +79,17 @@ def parse_junit(path: Path) -> dict:
 
 
 def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python: str = sys.executable,
-                       kernel_set: str | None = None, pytest_args: list[str] = ()) -> dict:
-    """Fetch the pinned tests, run them in ``python`` against what is installed, return the counts."""
+                       kernel_set: str | None = None, pytest_args: list[str] = (),
+                       only: list[str] = ()) -> dict:
+    """Fetch the pinned tests, run them in ``python`` against what is installed, return the counts.
+
+    ``only``: globs that keep some of the recipe's test files (a shorter run)."""
     rv = recipe.version(version)
     if rv.tests is None:
         raise UsageError(f"recipe {recipe.name} {version} names no upstream tests ([versions.tests])")
+    paths = [p for p in rv.tests.paths if not only or any(fnmatch.fnmatch(p, g) for g in only)]
+    if not paths:
+        raise UsageError(f"--only {' '.join(only)} keeps none of {', '.join(rv.tests.paths)}")
     if rv.tests.source is None:
         tree = safe_extract(fetcher.fetch(rv.sdist), work / "sdist")
     else:
@@ -91,7 +100,7 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
     env = {**os.environ, **rv.tests.env, COVERAGE_ENV: json.dumps(coverage), REPORT_ENV: str(deselected_json),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [python, "-m", "pytest", *rv.tests.paths, "-p", "blackwheel.upstream_coverage", "-p", "no:cacheprovider",
+    cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.upstream_coverage", "-p", "no:cacheprovider",
            f"--junitxml={junit}", "-q", *pytest_args]
     proc = subprocess.run(cmd, cwd=where, env=env)
     if not junit.is_file():
@@ -130,7 +139,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, help="write the counts as JSON and Markdown into this folder")
     p.add_argument("--offline", action="store_true", default=None)
     p.add_argument("--mirror", help="mirror folder or source bundle")
-    p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (e.g. -x, -k EXPR)")
+    p.add_argument("--only", nargs="+", default=[], metavar="GLOB", help="keep only these of the recipe's test files")
+    p.add_argument("--pytest-args", default="", metavar="ARGS",
+                   help="passed to pytest, one string (e.g. --pytest-args='-x -k norm')")
     p.set_defaults(func=_cmd_test_upstream)
 
 
@@ -145,7 +156,7 @@ def _cmd_test_upstream(args) -> int:
     kernel_set = args.kernel_set or ("default" if "kernel-sets" in recipe.extra else None)
     work = Path(os.environ.get("BLACKWHEEL_WORKDIR", PROJECT_ROOT / "build")) / "upstream-tests" / recipe.name
     result = run_upstream_tests(recipe, stack.pins[recipe.name], Fetcher.from_env(args.offline, args.mirror),
-                                work, args.python, kernel_set, args.pytest_args)
+                                work, args.python, kernel_set, shlex.split(args.pytest_args), args.only)
     text = report_text(result)
     print(text)
     if args.out:
