@@ -123,8 +123,16 @@ def start(code: str, args: dict) -> subprocess.Popen:
     return proc
 
 
+def rest_of_output(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """What the driver printed after ``ready``. Not ``communicate()``: it reads the pipe itself and
+    loses whatever the text wrapper already buffered behind the ``ready`` line (a quick driver's
+    whole answer)."""
+    proc.wait(timeout=timeout)
+    return proc.stdout.read(), proc.stderr.read()
+
+
 def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
-    out, err = proc.communicate(timeout=timeout)
+    out, err = rest_of_output(proc, timeout)
     if proc.returncode != 0:
         raise AssertionError(f"driver failed ({proc.returncode}): {err[-2000:]}")
     return json.loads(out.strip().splitlines()[-1])

@@ -20,7 +20,7 @@ def _pair(code: str, args: list[dict], stagger: float):
     second = fk.start(code, args[1])
     outs = []
     for proc in (first, second):
-        out, err = proc.communicate(timeout=120)
+        out, err = fk.rest_of_output(proc)
         outs.append((proc.returncode, out, err))
     return outs
 
