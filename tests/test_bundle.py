@@ -15,69 +15,15 @@ import pytest
 from blackwheel.bundle import open_bundle, write_bundle
 from blackwheel.errors import HashMismatch, MissingOffline, SourceError
 from blackwheel.fsutil import sha256_file, tree_sha256
-from blackwheel.sources import Fetcher, Source
+from blackwheel.sources import Fetcher
 
-GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "init.defaultBranch=main",
-       "-c", "protocol.file.allow=always"]
-SHARED = "".join(f"// a header line both repositories carry, {i}\n" for i in range(400))
-
-
-def git(*args: str, cwd: Path) -> str:
-    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _repo(root: Path, name: str, files: dict[str, str]) -> str:
-    work = root / f"work-{name}"
-    work.mkdir()
-    git("init", "-q", cwd=work)
-    for rel, text in files.items():
-        (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        (work / rel).write_text(text)
-    git("add", ".", cwd=work)
-    git("commit", "-qm", name, cwd=work)
-    return git("rev-parse", "HEAD", cwd=work)
+from tests.gitworld import git, make_world
 
 
 @pytest.fixture
 def world(tmp_path):
-    """A mirror with ``o/lib`` and ``o/app`` (app carries lib as submodule ``third_party/lib`` and a
-    copy of lib's big header), an sdist, and the Source objects that pin them."""
-    lib_commit = _repo(tmp_path, "lib", {"include/big.h": SHARED, "lib.h": "int lib;\n"})
-    app_files = {"src/app.c": "int main(void){return 0;}\n", "vendor/big.h": SHARED,
-                 ".gitmodules": '[submodule "lib"]\n\tpath = third_party/lib\n\turl = https://github.com/o/lib\n'}
-    app = tmp_path / "work-app"
-    app.mkdir()
-    git("init", "-q", cwd=app)
-    for rel, text in app_files.items():
-        (app / rel).parent.mkdir(parents=True, exist_ok=True)
-        (app / rel).write_text(text)
-    git("add", ".", cwd=app)
-    git("update-index", "--add", "--cacheinfo", f"160000,{lib_commit},third_party/lib", cwd=app)
-    git("commit", "-qm", "app", cwd=app)
-    app_commit = git("rev-parse", "HEAD", cwd=app)
-    (app / "src/app.c").write_text("int main(void){return 1;}\n")
-    git("commit", "-qam", "later", cwd=app)                  # the pin is not the tip
-    mirror = tmp_path / "mirror"
-    for name in ("lib", "app"):
-        dest = mirror / "git" / "github.com" / "o" / f"{name}.git"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        git("clone", "-q", "--mirror", str(tmp_path / f"work-{name}"), str(dest), cwd=tmp_path)
-    (mirror / "pypi").mkdir()
-    sdist_dir = tmp_path / "sdist" / "app-1.0"
-    sdist_dir.mkdir(parents=True)
-    (sdist_dir / "setup.py").write_text("# app\n")
-    archive = mirror / "pypi" / "app-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(sdist_dir, arcname="app-1.0")
-    sources = {
-        "sdist": Source("app", "pypi", sha256_file(archive), pypi="app", version="1.0"),
-        "app": Source("app-src", "git", "", url="https://github.com/o/app", commit=app_commit,
-                      submodules=True, submodule_paths=("third_party/lib",), role="resource", env="APP_SRC_DIR"),
-        "lib": Source("lib", "git", "", url="https://github.com/o/lib.git", commit=lib_commit, role="resource"),
-        "extra": Source("extra", "url", "unpinned: upstream pins a tag", url="https://x.invalid/extra.tgz",
-                        role="resource", env="EXTRA_DIR", optional="the wheel lacks extra"),
-    }
-    return {"mirror": mirror, "tmp": tmp_path, "lib_commit": lib_commit, "app_commit": app_commit, **sources}
+    """A mirror with ``o/lib`` and ``o/app`` (lib as app's submodule), an sdist, and their pins."""
+    return make_world(tmp_path)
 
 
 def test_commit_pin_without_tree_hash_is_fetched_and_its_tree_hash_recorded(world):

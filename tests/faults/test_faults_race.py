@@ -3,7 +3,6 @@ same version with different bytes into one wheelhouse's static index at once."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from pathlib import Path
 
-import pytest
 
 from blackwheel.errors import MissingOffline, PatchError, PublishError, SourceError
 from blackwheel.fsutil import sha256_file
@@ -18,6 +16,7 @@ from blackwheel.provenance import provenance
 from blackwheel.recipe import Condition, PatchSpec
 from blackwheel.sources import Fetcher
 from blackwheel.wheelhouse import place
+from tests import gitworld
 from tests.faults import faultkit as fk
 
 N = fk.TRIALS * fk.POINTS
@@ -72,8 +71,8 @@ def test_mirror_whose_pinned_commit_was_rewritten_is_refused_naming_it(fault_res
         victim = w["mirror"] / "git" / "github.com" / "o" / f"{which}.git"
         saved = tmp_path / f"saved-{i}"
         shutil.move(victim, saved)
-        other = fk.repo(tmp_path / f"other-{i}", which, {"README": f"another history {rng.random()}\n"})
-        fk.git("clone", "-q", "--mirror", str(tmp_path / f"other-{i}" / f"work-{which}"), str(victim), cwd=tmp_path)
+        other = gitworld.repo(tmp_path / f"other-{i}", which, {"README": f"another history {rng.random()}\n"})
+        gitworld.git("clone", "-q", "--mirror", str(tmp_path / f"other-{i}" / f"work-{which}"), str(victim), cwd=tmp_path)
         commit = w["app_commit"] if which == "app" else w["lib_commit"]
         fetcher = Fetcher(tmp_path / f"cache-{i}", w["mirror"], offline=True)
         try:
@@ -143,7 +142,7 @@ def test_manifest_edited_after_build_is_reported(fault_results, tmp_path):
     case = "tamper: manifest edited after build"
     rng = random.Random(f"{fk.SEED}:{case}")
     wheel = fk.make_wheel(tmp_path / "in", bulk=1 << 16)
-    trials, undetected = [], []
+    trials = []
     for i in range(N):
         root = tmp_path / f"wh-{i}"
         final = place(wheel, fk.manifest_for(wheel, "s", "t"), root, "s", "t")
