@@ -53,7 +53,6 @@ collect)
   mkdir -p "$OUT"
   W=$(ls wheelhouse/*/*/vllm-*.whl | head -1)
   ls -la "$W"; cp "$W.manifest.json" "$OUT/"
-  T=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['target'])" "$W.manifest.json")
   python3 -m blackwheel.cli inspect "$W" --json > "$OUT/inspect-ours.json"
   # the build's own verdict (the recipe's required cubins and PTX-only allowance): in the manifest
   python3 -c "import json,sys; v=json.load(open(sys.argv[1]))['verify']; print('verify ok:', v['ok']); print(*v.get('notes', []), sep='\n')" \
