@@ -24,8 +24,8 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fsutil import atomic_write_json
-from .recipe import Recipe
-from .sources import safe_extract
+from .recipe import PROJECT_ROOT, Recipe, load_recipe, load_stack
+from .sources import Fetcher, safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -146,9 +146,6 @@ def register(sub) -> None:
 
 
 def _cmd_test_upstream(args) -> int:
-    from .recipe import PROJECT_ROOT, load_recipe, load_stack
-    from .sources import Fetcher
-
     stack = load_stack(args.stack)
     recipe = load_recipe(args.package)
     if recipe.name not in stack.pins:

@@ -86,6 +86,11 @@ def test_kill_during_fetch_leaves_nothing_partial_and_a_rerun_completes(world, v
             trials.append({"point": point, "delay_s": delay, "killed": killed, "problems": problems,
                            "leftovers": leftovers})
             shutil.rmtree(cache, ignore_errors=True)
+    _record_kills(fault_results, case, pts, duration, trials, t0)
+
+
+def _record_kills(fault_results, case: str, pts, duration: float, trials: list[dict], t0: float) -> None:
+    """Record a kill case's trials; any trial with a problem is lost, and fails the test."""
     lost = [t for t in trials if t["problems"]]
     fault_results(case, seed=fk.SEED, points=pts, unkilled_s=round(duration, 4), trials=len(trials),
                   killed=sum(t["killed"] for t in trials), survived=len(trials) - len(lost), lost=len(lost),
@@ -143,12 +148,7 @@ def test_kill_during_place_and_index_leaves_whole_or_nothing(wheelhouse_before, 
             trials.append({"point": point, "delay_s": delay, "killed": killed, "visible_after_kill": visible,
                            "problems": problems, "leftovers": leftovers})
             shutil.rmtree(root, ignore_errors=True)
-    lost = [t for t in trials if t["problems"]]
-    fault_results(case, seed=fk.SEED, points=pts, unkilled_s=round(duration, 4), trials=len(trials),
-                  killed=sum(t["killed"] for t in trials), survived=len(trials) - len(lost), lost=len(lost),
-                  leftover_temporaries=sum(len(t["leftovers"]) for t in trials),
-                  seconds=round(time.monotonic() - t0, 2), detail=trials)
-    assert not lost, lost[:3]
+    _record_kills(fault_results, case, pts, duration, trials, t0)
 
 
 def test_a_death_between_tree_and_record_leaves_no_tree_without_record(world, tmp_path, monkeypatch):
