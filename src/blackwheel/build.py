@@ -32,11 +32,11 @@ from .errors import BuildFailed, StackMismatch, ToolchainError, UsageError
 from .fsutil import sha256_file
 from .patch import apply_series
 from .progress import run_logged
-from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, requirement_lines,
-                     stack_disagreements)
+from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, parse_variant_choices,
+                     requirement_lines, stack_disagreements)
 from .sources import Fetcher, safe_extract
 from .targets import DEFAULT_TARGET, Target, resolve_target
-from .vllm_plan import toolkit_library_hints
+from .vllm_plan import plan_only_cmake_args, toolkit_library_hints
 from .wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
@@ -56,11 +56,27 @@ class BuildRequest:
     force: bool = False
     live: bool | None = None
     kernel_set: str | None = None   # FlashInfer: which AOT kernel set (recipe [kernel-sets])
+    variant_choices: tuple[tuple[str, bool], ...] = ()   # `--variant NAME=on|off`; the rest default
     extra_env: dict = field(default_factory=dict, hash=False, compare=False)   # e.g. a shared jobserver
 
     @property
     def version(self):
         return self.recipe.version(self.stack.pins[self.recipe.name])
+
+    @property
+    def variants(self) -> dict[str, bool]:
+        """Every variant of the version, on or off (an unknown name is a one-line error)."""
+        return self.version.choose_variants(dict(self.variant_choices))
+
+    @property
+    def variant_tags(self) -> list[str]:
+        """``nofa3``-style tags of the variants not at their default (wheel version, work folder)."""
+        chosen = self.variants
+        return [v.tag(chosen[v.name]) for v in self.version.variants if chosen[v.name] != v.default]
+
+    def variant_env(self) -> dict[str, str]:
+        chosen = self.variants
+        return {k: val for v in self.version.variants for k, val in v.env_for(chosen[v.name]).items()}
 
 
 @dataclass
@@ -83,6 +99,7 @@ def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
         "target": req.target.name, "archs": [a.dotted for a in archs],
         "env": req.recipe.env, "toolchain": toolchain.identity(),
         **({"kernel_set": req.kernel_set or "default"} if req.recipe.builder == "flashinfer-aot" else {}),
+        **({"variants": req.variants} if rv.variants else {}),
     }
 
 
@@ -219,9 +236,11 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
     if "CMAKE_ARGS" in req.recipe.env:
         # the recipe's first; the caller's own (CMAKE_ARGS in the environment) and the toolkit
         # hints after them, so a slim CUDA whose libnvrtc comes from the nvidia wheels still links
-        hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python)
+        hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python, req.workdir / "stubs",
+                                      env.get("CXX", "c++"))
         env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
     env.update(prepared.resource_env)
+    env.update(req.variant_env())
     env.update(req.extra_env)
     env[req.recipe.arch.knob] = req.recipe.arch.value_for(req.target)
     env.update(plan.env_for(req.recipe.jobs_style))
@@ -399,7 +418,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
             print(f"reused {wheel.name} (build key {key[:12]}: identical inputs)", file=sys.stderr)
             return BuildOutcome(wheel, reused, True)
     # a fixed folder per package/version/target: the compiler cache hits only for sources at the same path
-    work = req.workdir / f"{req.recipe.name}-{rv.version}-{req.target.name}"
+    work = req.workdir / "-".join([req.recipe.name, rv.version, req.target.name, *req.variant_tags])
     started = time.time()
     prepared = prepare_tree(req, work / "src")
     check_build_requirements(req, prepared.tree)
@@ -423,13 +442,14 @@ def build_package(req: BuildRequest) -> BuildOutcome:
                           f"(log: {log})")
     raw = _single_wheel(out, req.recipe)
     check_expected_libraries(raw, req.recipe)
-    wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag), out)
+    wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag, req.variant_tags), out)
     verdict = verify_built(wheel, req)
     manifest = {
         "package": req.recipe.name, "dist_name": req.recipe.dist_name,
         "version": wheel.name.split("-")[1], "stack": req.stack.name,
         "target": req.target.name, "target_devices": [str(cc) for cc in req.target.devices],
         "build_key": key, "inputs": inputs,
+        **({"variants": req.variants} if rv.variants else {}),
         "sources": prepared.sources, "patches": prepared.patches, "toolchain": toolchain.to_dict(),
         **({"notes": prepared.notes} if prepared.notes else {}),
         "arch": {"knob": req.recipe.arch.knob, "value": env[req.recipe.arch.knob],
@@ -455,6 +475,8 @@ def build_package(req: BuildRequest) -> BuildOutcome:
 _PLAN_NINJA = """#!/bin/sh
 # blackwheel plan: keep the generated build file, compile nothing
 case "$1" in --version) exec {real} --version ;; esac
+# CMake's own compiler checks (try_compile) build in CMakeFiles/: let them really build
+case "$PWD" in */CMakeFiles/*) exec {real} "$@" ;; esac
 pwd > "$BLACKWHEEL_PLAN_OUT.dir"
 cp build.ninja "$BLACKWHEEL_PLAN_OUT" && exit 97
 """
@@ -488,6 +510,8 @@ def plan_package(req: BuildRequest, out: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))
     prepared = prepare_tree(req, work / "src")
     env = build_environment(req, toolchain, prepared, job_plan(req))
+    if "CMAKE_ARGS" in env:   # a plan never links: a host without libcuda may still generate
+        env["CMAKE_ARGS"] = " ".join([env["CMAKE_ARGS"], *plan_only_cmake_args(Path(toolchain.cuda_home), req.python)])
     text, result = generate_build_file(req, prepared.tree, env, out, work / "plan.log")
     if text is None:
         raise BuildFailed(f"{req.recipe.name}: no build file was generated: "
@@ -515,6 +539,8 @@ def _common(p) -> None:
     p.add_argument("--jobs", type=int, help="override the planned compile jobs")
     p.add_argument("--kernels", dest="kernel_set", help="FlashInfer AOT kernel set (core, decode, prefill, "
                    "default, all); default: default")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=on|off",
+                   help="turn a recipe variant on or off, e.g. vllm's fa3=off (see `blackwheel recipes`)")
 
 
 def register(sub) -> None:
@@ -550,7 +576,23 @@ def request_from_args(args, recipe: Recipe, stack: Stack) -> BuildRequest:
         kwargs["wheelhouse"] = args.wheelhouse
     return BuildRequest(recipe=recipe, stack=stack, target=resolve_target(args.target), python=args.python,
                         fetcher=Fetcher.from_env(args.offline, args.mirror), jobs=args.jobs,
-                        force=getattr(args, "force", False), kernel_set=args.kernel_set, **kwargs)
+                        force=getattr(args, "force", False), kernel_set=args.kernel_set,
+                        variant_choices=_variant_choices(args, recipe, stack), **kwargs)
+
+
+def _variant_choices(args, recipe: Recipe, stack: Stack) -> tuple[tuple[str, bool], ...]:
+    """The ``--variant`` choices this recipe's version declares. With several packages (build-all),
+    a choice binds the packages that have that variant; a name no package has is an error."""
+    choices = parse_variant_choices(getattr(args, "variant", None))
+    mine = {v.name for v in recipe.version(stack.pins[recipe.name]).variants}
+    if getattr(args, "package", None) is None:   # build-all
+        everyone = {v.name for r in stack.recipes() for v in r.version(stack.pins[r.name]).variants}
+        unknown = sorted(set(choices) - everyone)
+        if unknown:
+            raise UsageError(f"no package of stack {stack.name} has a variant {unknown[0]!r}")
+        choices = {k: v for k, v in choices.items() if k in mine}
+    recipe.version(stack.pins[recipe.name]).choose_variants(choices)   # unknown names: one line, now
+    return tuple(sorted(choices.items()))
 
 
 def _cmd_build(args) -> int:

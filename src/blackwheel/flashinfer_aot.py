@@ -44,7 +44,9 @@ from .errors import BuildFailed, RecipeError, ToolchainError, UsageError
 from .fsutil import atomic_write_json, sha256_file
 from .interrupt import SignalsRaise
 from .progress import end_build
+from .recipe import serves
 from .targets import CudaArch, Target, parse_arch_list, spell
+from .toolchain import libcuda_stub
 
 AOT_DIR_IN_WHEEL = "flashinfer/data/aot"      # where both versions' loaders look first
 AOT_LIST_NAME = "blackwheel-aot.json"          # our list of modules + arches, inside that folder
@@ -92,7 +94,20 @@ def _expand_params(params: Mapping) -> list[dict]:
     return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*axes)]
 
 
-def _set_requests(recipe: Mapping, name: str, seen: tuple[str, ...] = ()) -> list[ModuleRequest]:
+def _entry_holds(entry: Mapping, archs: Sequence[CudaArch] | None, where: str) -> bool:
+    """A module entry's ``when = { archs = [...] }``: one of the target's archs is served by a listed one
+    (FA3 modules compile only for 9.0a). Without a target (``archs`` None) every entry counts."""
+    when = dict(entry.get("when", {}))
+    listed = when.pop("archs", None)
+    if when or (listed is not None and not isinstance(listed, list)):
+        raise RecipeError(f"{where}: a module's when takes only archs = [...], got {entry.get('when')!r}")
+    if listed is None or archs is None:
+        return True
+    return any(serves(CudaArch.parse(a), t) for a in listed for t in archs)
+
+
+def _set_requests(recipe: Mapping, name: str, seen: tuple[str, ...] = (),
+                  archs: Sequence[CudaArch] | None = None) -> list[ModuleRequest]:
     sets, gens = recipe.get("kernel-sets", {}), recipe.get("aot", {}).get("generators", {})
     if name not in sets:
         raise UsageError(f"unknown kernel set {name!r}; choose one of: {', '.join(kernel_set_names(recipe))}")
@@ -100,11 +115,13 @@ def _set_requests(recipe: Mapping, name: str, seen: tuple[str, ...] = ()) -> lis
         raise RecipeError(f"kernel set {name!r} includes itself ({' -> '.join(seen + (name,))})")
     out: list[ModuleRequest] = []
     for inc in sets[name].get("include", []):
-        out += _set_requests(recipe, inc, seen + (name,))
+        out += _set_requests(recipe, inc, seen + (name,), archs)
     for entry in sets[name].get("modules", []):
         gen = gens.get(entry.get("gen"))
         if gen is None:
             raise RecipeError(f"kernel set {name!r}: unknown generator {entry.get('gen')!r}")
+        if not _entry_holds(entry, archs, f"kernel set {name!r} {entry.get('gen')}"):
+            continue
         for params in _expand_params(entry.get("params", {})):
             kwargs = {**gen.get("fixed", {}), **params}
             out.append(ModuleRequest(entry["gen"], gen["fn"], tuple(sorted(kwargs.items())),
@@ -120,15 +137,17 @@ def _check_choices(what: str, asked: Iterable, valid: Sequence) -> None:
 
 
 def expand_kernel_set(recipe: Mapping, name: str, head_dims: Sequence[int] | None = None,
-                      dtypes: Sequence[str] | None = None) -> list[ModuleRequest]:
-    """The set's module requests, de-duplicated, optionally narrowed to head dims / q dtypes."""
+                      dtypes: Sequence[str] | None = None,
+                      archs: Sequence[CudaArch] | None = None) -> list[ModuleRequest]:
+    """The set's module requests, de-duplicated, optionally narrowed to head dims / q dtypes; with
+    ``archs`` (the target's), only the entries whose ``when`` holds for them."""
     aot = recipe.get("aot", {})
     if head_dims:
         _check_choices("head dim", head_dims, aot.get("head-dims", []))
     if dtypes:
         _check_choices("dtype", dtypes, aot.get("dtypes", []))
     out: list[ModuleRequest] = []
-    for req in _set_requests(recipe, name):
+    for req in _set_requests(recipe, name, archs=archs):
         kw = dict(req.kwargs)
         if head_dims and "head_dim_qk" in kw and kw["head_dim_qk"] not in head_dims:
             continue
@@ -268,23 +287,11 @@ def _cublas_include(cuda_home: str, python: str) -> str | None:
 
 
 def with_libcuda_stub(env: Mapping, build_dir: Path) -> dict:
-    """Let modules link ``-lcuda`` on a build host without a driver or the toolkit's stubs.
-
-    A shared library may leave symbols undefined, so an empty ``libcuda.so`` with the driver's
-    soname is enough: the .so records ``libcuda.so.1`` and the real driver resolves it at load time.
-    """
+    """Let modules link ``-lcuda`` on a build host without a driver or the toolkit's stubs."""
     env = dict(env)
-    cuda = Path(env.get("CUDA_HOME", "/usr/local/cuda"))
-    if any((cuda / p).exists() for p in ("lib64/stubs/libcuda.so", "lib64/libcuda.so")):
-        return env
-    stub = build_dir / "stubs" / "libcuda.so"
-    if not stub.exists():
-        stub.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [env.get("CXX", "c++"), "-shared", "-x", "c++", "/dev/null", "-Wl,-soname,libcuda.so.1",
-               "-o", str(stub)]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            raise ToolchainError(f"cannot build a libcuda stub with {cmd[0]}: is a host C++ compiler installed?")
-    env["FLASHINFER_EXTRA_LDFLAGS"] = f"{env.get('FLASHINFER_EXTRA_LDFLAGS', '')} -L{stub.parent.resolve()}".strip()
+    stub = libcuda_stub(Path(env.get("CUDA_HOME", "/usr/local/cuda")), build_dir / "stubs", env.get("CXX", "c++"))
+    if stub is not None:
+        env["FLASHINFER_EXTRA_LDFLAGS"] = f"{env.get('FLASHINFER_EXTRA_LDFLAGS', '')} -L{stub.parent}".strip()
     return env
 
 
@@ -559,7 +566,7 @@ class AotResult:
 def build(req: AotRequest, progress: Progress = print) -> AotResult:
     """Validate, generate specs, compile what is stale, package. Bad input fails before nvcc runs."""
     archs = target_archs(req.recipe, req.target)
-    requests = expand_kernel_set(req.recipe, req.kernel_set, req.head_dims or None, req.dtypes or None)
+    requests = expand_kernel_set(req.recipe, req.kernel_set, req.head_dims or None, req.dtypes or None, archs)
     env = build_env(req.recipe, archs, base=req.base_env, python=req.python)
     tag = "_".join(a.compact for a in archs)
     build_dir = Path(req.work_dir) / f"aot-{tag}"

@@ -68,7 +68,7 @@ class Condition:
         """``target_archs``: the recipe's arch list for the target (needed by an ``archs`` condition)."""
         if self.targets and target.name not in self.targets:
             return False
-        if self.archs and not any(_serves(a, t) for a in self.archs for t in target_archs):
+        if self.archs and not any(serves(a, t) for a in self.archs for t in target_archs):
             return False
         return self.holds_torch(torch_version)
 
@@ -86,12 +86,12 @@ class Condition:
         return " and ".join(parts) or "always"
 
 
-def _serves(listed: CudaArch, target_arch: CudaArch) -> bool:
+def serves(listed: CudaArch, target_arch: CudaArch) -> bool:
     """Whether a family list entry ``listed`` maps onto ``target_arch`` (vLLM's loose intersection).
 
-    >>> _serves(CudaArch.parse("9.0a"), CudaArch.parse("9.0a")), _serves(CudaArch.parse("9.0a"), CudaArch.parse("12.1a"))
+    >>> serves(CudaArch.parse("9.0a"), CudaArch.parse("9.0a")), serves(CudaArch.parse("9.0a"), CudaArch.parse("12.1a"))
     (True, False)
-    >>> _serves(CudaArch.parse("10.0f"), CudaArch.parse("10.3")), _serves(CudaArch.parse("12.0f"), CudaArch.parse("12.1a"))
+    >>> serves(CudaArch.parse("10.0f"), CudaArch.parse("10.3")), serves(CudaArch.parse("12.0f"), CudaArch.parse("12.1a"))
     (True, True)
     """
     if listed.major != target_arch.major:
@@ -117,6 +117,28 @@ class UpstreamTests:
     paths: tuple[str, ...]
     source: Source | None = None
     env: dict = field(default_factory=dict, hash=False, compare=False)
+    trace: str | None = None    # ``module:Class.method`` every compiled-module load goes through
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A build option a user may turn on or off, like Spack's ``variant``: ``--variant fa3=off``.
+
+    A variant changes what is built, so it is part of the build key and, when not at its default,
+    of the wheel's local version (``+cu130.sm90.nofa3``): the two builds never share a file."""
+
+    name: str
+    default: bool
+    description: str
+    env_on: dict = field(default_factory=dict, hash=False, compare=False)    # build environment when on
+    env_off: dict = field(default_factory=dict, hash=False, compare=False)   # ... and when off
+
+    def env_for(self, on: bool) -> dict:
+        return dict(self.env_on if on else self.env_off)
+
+    def tag(self, on: bool) -> str:
+        """The wheel's local-version part when the variant is not at its default."""
+        return f"{'with' if on else 'no'}{re.sub(r'[^a-z0-9]', '', self.name.lower())}"
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,16 @@ class RecipeVersion:
     gcc: SpecifierSet | None = None          # host compiler the version needs
     requirements_files: tuple[str, ...] = ()  # files in the sdist whose pins the stack must satisfy
     tests: UpstreamTests | None = None        # upstream's own test suite (`blackwheel test-upstream`)
+    variants: tuple[Variant, ...] = ()        # build options (`--variant NAME=on|off`)
+
+    def choose_variants(self, choices: dict[str, bool]) -> dict[str, bool]:
+        """Every variant of this version, on or off: the user's choice, else its default."""
+        known = {v.name for v in self.variants}
+        unknown = sorted(set(choices) - known)
+        if unknown:
+            have = ", ".join(sorted(known)) or "none"
+            raise UsageError(f"version {self.version} has no variant {unknown[0]!r} (variants: {have})")
+        return {v.name: choices.get(v.name, v.default) for v in self.variants}
 
     def resources_for(self, target: Target, torch_version: str,
                       target_archs: tuple[CudaArch, ...] = ()) -> tuple[Source, ...]:
@@ -246,7 +278,36 @@ def _version_from_toml(d: dict, recipe_name: str, where: str) -> RecipeVersion:
         patches.append(PatchSpec(path, Condition.from_toml(p.get("when"), f"{where} {p['file']}")))
     gcc = SpecifierSet(d["gcc"]) if d.get("gcc") else None
     return RecipeVersion(ver, sdist, resources, tuple(patches), gcc,
-                         tuple(d.get("requirements-files", ())), _tests_from_toml(d.get("tests"), recipe_name, where))
+                         tuple(d.get("requirements-files", ())), _tests_from_toml(d.get("tests"), recipe_name, where),
+                         tuple(_variant_from_toml(v, where) for v in d.get("variants", ())))
+
+
+def _variant_from_toml(d: dict, where: str) -> Variant:
+    d = dict(d)
+    name, default = d.pop("name", None), d.pop("default", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+        raise RecipeError(f"{where}: a variant needs a lowercase name, got {name!r}")
+    if not isinstance(default, bool):
+        raise RecipeError(f"{where}: variant {name!r} needs default = true or false")
+    env_on, env_off = d.pop("env-on", {}), d.pop("env-off", {})
+    description = d.pop("description", "")
+    if d:
+        raise RecipeError(f"{where}: variant {name!r}: unknown keys {sorted(d)}")
+    if not env_on and not env_off:
+        raise RecipeError(f"{where}: variant {name!r} changes nothing (give env-on or env-off)")
+    return Variant(name, default, description, {k: str(v) for k, v in env_on.items()},
+                   {k: str(v) for k, v in env_off.items()})
+
+
+def parse_variant_choices(specs) -> dict[str, bool]:
+    """``["fa3=off", "foo=on"]`` -> ``{"fa3": False, "foo": True}``; a bad spelling is one line."""
+    out: dict[str, bool] = {}
+    for spec in specs or ():
+        name, sep, value = spec.partition("=")
+        if not sep or value.lower() not in ("on", "off", "true", "false", "1", "0"):
+            raise UsageError(f"--variant {spec!r}: write NAME=on or NAME=off")
+        out[name.strip()] = value.lower() in ("on", "true", "1")
+    return out
 
 
 def _tests_from_toml(d: dict | None, recipe_name: str, where: str) -> UpstreamTests | None:
@@ -254,10 +315,13 @@ def _tests_from_toml(d: dict | None, recipe_name: str, where: str) -> UpstreamTe
         return None
     d = dict(d)
     paths, env = tuple(d.pop("paths", ())), {k: str(v) for k, v in d.pop("env", {}).items()}
+    trace = d.pop("trace", None)
     if not paths or any(not p.startswith("tests/") for p in paths):
         raise RecipeError(f"{where}: [versions.tests] needs paths under tests/, got {list(paths)}")
+    if trace is not None and not re.fullmatch(r"[\w.]+:\w+\.\w+", trace):
+        raise RecipeError(f"{where}: [versions.tests] trace must read module:Class.method, got {trace!r}")
     source = _source_from_toml(d, f"{recipe_name}-tests", "tests", where) if d else None
-    return UpstreamTests(paths, source, env)
+    return UpstreamTests(paths, source, env, trace)
 
 
 def load_recipe(name: str) -> Recipe:

@@ -219,6 +219,23 @@ def check(tc: Toolchain, stack_torch: str, gcc: SpecifierSet | None, package: st
                              f"{tc.host_compiler_version} (set CXX/CC to a newer one)")
 
 
+def libcuda_stub(cuda_home: Path, where: Path, cxx: str = "c++") -> Path | None:
+    """An empty ``libcuda.so`` to link against on a build host without a driver or the toolkit's
+    stubs (a slim CUDA image); None when the toolkit has its own.
+
+    A shared library may leave symbols undefined, so an empty library with the driver's soname is
+    enough: what links against it records ``libcuda.so.1``, which the real driver resolves at load."""
+    if any((Path(cuda_home) / p).exists() for p in ("lib64/stubs/libcuda.so", "lib64/libcuda.so")):
+        return None
+    stub = Path(where) / "libcuda.so"
+    if not stub.exists():
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [cxx, "-shared", "-x", "c++", "/dev/null", "-Wl,-soname,libcuda.so.1", "-o", str(stub)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            raise ToolchainError(f"cannot build a libcuda stub with {cxx}: is a host C++ compiler installed?")
+    return stub.resolve()
+
+
 def build_env(tc: Toolchain, base: dict | None = None) -> dict[str, str]:
     """Environment every build runs in: the found CUDA first on PATH, wheel headers on CPATH."""
     env = dict(os.environ if base is None else base)

@@ -27,6 +27,7 @@ from .fsutil import atomic_write_json
 from .recipe import PROJECT_ROOT, Recipe, load_recipe, load_stack
 from .sources import Fetcher, safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
+from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
 SRC_ROOT = Path(__file__).resolve().parents[1]     # so the test Python finds the coverage plugin
@@ -95,13 +96,16 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
     else:
         tree = fetcher.fetch(rv.tests.source)
     where = lay_out_tests(tree, work / "run")
-    junit, deselected_json = work / "junit.xml", work / "deselected.json"
+    junit, deselected_json, trace_json = work / "junit.xml", work / "deselected.json", work / "trace.json"
+    for stale in (junit, deselected_json, *work.glob(trace_json.name + "*")):
+        stale.unlink(missing_ok=True)
     coverage = coverage_of(recipe, kernel_set)
     env = {**os.environ, **rv.tests.env, COVERAGE_ENV: json.dumps(coverage), REPORT_ENV: str(deselected_json),
+           TRACE_OUT_ENV: str(trace_json), **({TRACE_ENV: rv.tests.trace} if rv.tests.trace else {}),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.upstream_coverage", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", "-q", *pytest_args]
+    cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.upstream_coverage", "-p", "blackwheel.upstream_trace",
+           "-p", "no:cacheprovider", f"--junitxml={junit}", "-q", *pytest_args]
     proc = subprocess.run(cmd, cwd=where, env=env)
     if not junit.is_file():
         raise UsageError(f"upstream tests of {recipe.name} did not run (pytest exit {proc.returncode}); "
@@ -111,9 +115,12 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
     for name, n in deselected.items():
         result["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0,
                                           "skipped_missing_module": 0})["deselected"] = n
+    trace = merge(trace_json)
     source = rv.tests.source.label if rv.tests.source else rv.sdist.label
     return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
-            "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result}
+            "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
+            "first_result_s": trace.get("first_result_s", {}),
+            **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {})}
 
 
 def report_text(result: dict) -> str:
@@ -157,6 +164,7 @@ def _cmd_test_upstream(args) -> int:
     text = report_text(result)
     print(text)
     if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / f"upstream-tests-{recipe.name}.json", result)
         (args.out / f"upstream-tests-{recipe.name}.md").write_text(text + "\n")
     totals = {k: sum(c.get(k, 0) for c in result["files"].values()) for k in ("failed", "skipped_missing_module")}

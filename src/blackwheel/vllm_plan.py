@@ -27,6 +27,7 @@ from packaging.version import Version
 
 from .errors import ToolchainError, VerifyFailed
 from .targets import CudaArch, Target, covers
+from .toolchain import libcuda_stub
 
 # ---- the configure command ------------------------------------------------------------------------
 
@@ -124,13 +125,18 @@ def plan_only_cmake_args(cuda_home: Path, python: str) -> list[str]:
     return args
 
 
-def toolkit_library_hints(cuda_home: Path, python: str) -> list[str]:
-    """CMake hints for a real build on a slim toolkit: libnvrtc from the torch wheel's nvidia
-    dependencies when the toolkit has none (it is the same library, so linking is sound)."""
-    if _found_lib("libnvrtc.so", cuda_home):
-        return []
-    wheel_lib = _torch_nvidia_lib(python, "libnvrtc.so.13")
-    return [f"-DCUDA_nvrtc_LIBRARY={wheel_lib}"] if wheel_lib else []
+def toolkit_library_hints(cuda_home: Path, python: str, stub_dir: Path, cxx: str = "c++") -> list[str]:
+    """CMake hints for a real build on a slim toolkit without a driver: libnvrtc from the torch
+    wheel's nvidia dependencies when the toolkit has none (the same library, so linking is sound),
+    and an empty libcuda stub (``toolchain.libcuda_stub``) when neither driver nor stubs are there."""
+    hints = []
+    if not _found_lib("libnvrtc.so", cuda_home):
+        wheel_lib = _torch_nvidia_lib(python, "libnvrtc.so.13")
+        hints += [f"-DCUDA_nvrtc_LIBRARY={wheel_lib}"] if wheel_lib else []
+    if not _found_lib("libcuda.so", cuda_home):
+        stub = libcuda_stub(cuda_home, stub_dir, cxx)
+        hints += [f"-DCUDA_cuda_driver_LIBRARY={stub}"] if stub else []
+    return hints
 
 
 def _found_lib(name: str, cuda_home: Path) -> bool:

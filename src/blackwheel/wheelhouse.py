@@ -39,9 +39,10 @@ def folder(root: Path, stack: str, target: str) -> Path:
     return root / stack / target
 
 
-def local_version(cuda: str, target_tag: str) -> str:
-    """``cu130.sm121``: CUDA and target in the wheel's version, so builds never share a file name."""
-    return f"cu{cuda.replace('.', '')}.{target_tag}"
+def local_version(cuda: str, target_tag: str, variant_tags=()) -> str:
+    """``cu130.sm121`` (``cu130.sm90.nofa3`` with a variant off): CUDA, target and variants not at
+    their default in the wheel's version, so builds never share a file name."""
+    return ".".join([f"cu{cuda.replace('.', '')}", target_tag, *variant_tags])
 
 
 # ---- reuse ---------------------------------------------------------------------------------------
