@@ -134,3 +134,18 @@ def test_the_command_line_keeps_some_files_and_passes_pytest_args(upstream, tmp_
     assert rc == 1                                      # a module was missing: not proven
     assert "| tests/attention/test_decode_kernels.py | 3 | 0 | 1 | 1 | 4 |" in out   # test_fails not run
     assert (tmp_path / "upstream-tests-pkg.json").is_file()
+
+
+def test_coverage_excludes_test_functions_by_name(upstream, tmp_path):
+    recipe, fetcher = upstream
+    path = Path(recipe.path)
+    path.write_text(path.read_text() + textwrap.dedent('''
+          [kernel-sets.small.coverage."tests/attention/test_decode_*.py"]
+          exclude-tests = ["test_fails", "test_module_*"]
+        '''))
+    recipe = load_recipe("pkg")
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    # the failing and the missing-module test are named out; the parametrized ones as before
+    assert counts == {"passed": 3, "failed": 0, "skipped": 1, "skipped_missing_module": 0, "deselected": 6}
+    assert result["pytest_exit"] == 0

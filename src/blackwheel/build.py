@@ -635,6 +635,11 @@ def _cmd_plan(args) -> int:
     stack = load_stack(args.stack)
     recipe = load_recipe(args.package)
     req = request_from_args(args, recipe, stack)
+    if recipe.builder == "flashinfer-aot":   # a set of modules, not one build file: what it holds
+        from .flashinfer_aot import kernel_set_table, recipe_data
+
+        print(kernel_set_table(recipe_data(recipe), req.kernel_set or "default", req.target))
+        return 0
     out = args.out or (req.workdir / "plans" / f"{recipe.name}-{req.target.name}.ninja")
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = plan_package(req, out.resolve())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import fnmatch
 import hashlib
 import io
 import itertools
@@ -162,6 +163,99 @@ def expand_kernel_set(recipe: Mapping, name: str, head_dims: Sequence[int] | Non
     if not out:
         raise UsageError(f"kernel set {name!r} narrowed to head dims {head_dims} / dtypes {dtypes} is empty")
     return out
+
+
+def module_name(recipe: Mapping, req: ModuleRequest) -> str | None:
+    """The name flashinfer gives the module a request makes, from the generator's ``name`` template
+    (the version's ``get_*_uri``); None for a generator that expands to upstream's own list."""
+    gen = recipe.get("aot", {}).get("generators", {}).get(req.gen, {})
+    template = gen.get("name")
+    if template is None or req.expands:
+        return None
+    spell_dtype = recipe.get("aot", {}).get("dtype-names", {})
+    kwargs = {k: (spell_dtype.get(v, v) if k.startswith("dtype") else v) for k, v in req.kwargs}
+    try:
+        return template.format(**kwargs)
+    except KeyError as exc:
+        raise RecipeError(f"generator {req.gen!r}: its name template uses {exc} which the request lacks") from None
+
+
+def module_names(recipe: Mapping, name: str, archs: Sequence[CudaArch] | None = None) -> list[str]:
+    """The module names a kernel set holds for these archs, without building anything."""
+    names = [module_name(recipe, r) for r in expand_kernel_set(recipe, name, archs=archs)]
+    if None in names:
+        raise UsageError(f"kernel set {name!r} expands to upstream's own list: its names are known only "
+                         "after flashinfer's generators run")
+    return names
+
+
+def check_module_names(recipe: Mapping, requests: Sequence[ModuleRequest], made: Sequence[dict]) -> None:
+    """Refuse a recipe whose name templates disagree with the modules flashinfer's generators made:
+    traces and coverage compare by these names, so a wrong template would make them lie."""
+    made_by = {m.get("request"): m["name"] for m in made}
+    for req in requests:
+        predicted = module_name(recipe, req)
+        actual = made_by.get(req.label)
+        if predicted is not None and actual is not None and predicted != actual:
+            raise RecipeError(f"generator {req.gen!r}: the recipe's name template gives {predicted!r}, "
+                              f"flashinfer made {actual!r}; correct [aot.generators] {req.gen}.name")
+
+
+def kernel_set_table(recipe: Mapping, set_name: str, target: Target | str) -> str:
+    """What a set holds for a target, per generator (head dims, dtypes, backend), and the coverage it
+    declares for upstream's tests: ``blackwheel plan flashinfer --kernels SET``."""
+    archs = target_archs(recipe, target)
+    requests = expand_kernel_set(recipe, set_name, archs=archs)
+    rows: dict[str, dict[str, set]] = {}
+    for req in requests:
+        kw = dict(req.kwargs)
+        row = rows.setdefault(req.gen, {"modules": set(), "head dims": set(), "q dtypes": set(),
+                                        "KV dtypes": set(), "backend": set()})
+        row["modules"].add(module_name(recipe, req) or req.label)
+        for col, key in (("head dims", "head_dim_qk"), ("q dtypes", "dtype_q"), ("KV dtypes", "dtype_kv"),
+                         ("backend", "backend"), ("KV dtypes", "act_func_name")):
+            if key in kw and not (col == "KV dtypes" and key == "act_func_name"):
+                row[col].add(str(kw[key]))
+    cols = ["generator", "modules", "head dims", "q dtypes", "KV dtypes", "backend"]
+    table = [cols] + [[gen, str(len(r["modules"]))] + [",".join(sorted(r[c], key=lambda v: (len(v), v))) or "-"
+                                                        for c in cols[2:]] for gen, r in rows.items()]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    name = target if isinstance(target, str) else target.name
+    lines = [f"kernel set {set_name!r} for {name} ({';'.join(a.dotted for a in archs)}): "
+             f"{sum(len(r['modules']) for r in rows.values())} modules"]
+    lines += [("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths))).rstrip() for row in table]
+    sets = recipe.get("kernel-sets", {})
+    coverage = [(g, t) for n in [*sets[set_name].get("include", []), set_name]
+                for g, t in sets[n].get("coverage", {}).items()]
+    lines.append("coverage of upstream's tests (outside it: deselected)" if coverage
+                 else "coverage: none declared (upstream's tests run whole)")
+    for glob, rules in coverage:
+        lines.append(f"  {glob}: " + " ".join(f"{k}={v}" for k, v in rules.items()))
+    return "\n".join(lines)
+
+
+def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default") -> list[str]:
+    """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
+    target, one line each. A module outside the set is fine only when every test that asked for it
+    is excluded by the set's declared coverage (``exclude-tests``)."""
+    from .upstream_coverage import excluded
+
+    archs = target_archs(recipe, trace["target"])
+    held = set(module_names(recipe, set_name, archs))
+    sets = recipe.get("kernel-sets", {})
+    tables = [t for n in [*sets[set_name].get("include", []), set_name]
+              for t in sets[n].get("coverage", {}).items()]
+    gaps = []
+    for name, entry in trace.get("modules", {}).items():
+        if name in held:
+            continue
+        askers = entry.get("asked_by", [])
+        covered = [f"{f}::{t}" for f in entry.get("files", []) for t in askers
+                   if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
+        if not askers or covered:
+            gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
+                        f"is not in set {set_name!r} for {trace['target']}")
+    return gaps
 
 
 def target_archs(recipe: Mapping, target: Target | str) -> tuple[CudaArch, ...]:
@@ -574,6 +668,7 @@ def build(req: AotRequest, progress: Progress = print) -> AotResult:
     progress(f"flashinfer AOT: set {req.kernel_set!r} ({len(requests)} requests) for "
              f"{env['FLASHINFER_CUDA_ARCH_LIST']!r}")
     modules, skipped = generate_specs(Path(req.src_dir), requests, env, build_dir, req.python)
+    check_module_names(req.recipe, requests, [{"name": m.name, "request": m.request} for m in modules])
     source_key = req.source_key or _source_key(Path(req.src_dir))
     jobs, why = (req.jobs, "asked") if req.jobs else plan_jobs(
         float(req.recipe.get("expect", {}).get("unit-memory-gib", DEFAULT_UNIT_GIB)))

@@ -3,7 +3,8 @@
 Loaded into upstream's own test run (``-p blackwheel.upstream_coverage``) by ``test-upstream``.
 ``BLACKWHEEL_COVERAGE`` holds ``{file glob: {parameter: [values]}}``, the kernel set's declared
 coverage in the tests' own parameter names; a test of a matching file whose parameter named there has
-a value outside the list is deselected. torch dtypes compare by name (``torch.bfloat16`` ->
+a value outside the list is deselected, and so is a test function named by the table's
+``exclude-tests`` globs (what no parameter tells apart: an NVFP4 test, a module a test builds for itself). torch dtypes compare by name (``torch.bfloat16`` ->
 ``"bfloat16"``). Counts per file go to ``BLACKWHEEL_COVERAGE_REPORT``. Imports nothing heavy.
 """
 
@@ -39,6 +40,18 @@ def outside(params: dict, rules: dict) -> list[str]:
     return [f"{k}={normalized(v)}" for k, v in params.items() if k in rules and normalized(v) not in rules[k]]
 
 
+EXCLUDE = "exclude-tests"   # a coverage table's list of test function globs the set does not hold
+
+
+def excluded(function: str, rules: dict) -> bool:
+    """Whether a test function is named by the table's ``exclude-tests`` globs.
+
+    >>> excluded("test_batch_decode_with_paged_kv_cache_nvfp4", {EXCLUDE: ["*_nvfp4"]})
+    True
+    """
+    return any(fnmatch.fnmatchcase(function, g) for g in rules.get(EXCLUDE, ()))
+
+
 def _rules_for(path: str, coverage: dict) -> dict:
     rules: dict = {}
     for glob, table in coverage.items():
@@ -55,7 +68,9 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         path = Path(str(item.fspath)).as_posix()
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if outside(params, _rules_for(path, coverage)):
+        rules = _rules_for(path, coverage)
+        function = getattr(item, "originalname", None) or item.name.split("[")[0]
+        if excluded(function, rules) or outside(params, {k: v for k, v in rules.items() if k != EXCLUDE}):
             drop.append(item)
             key = path[path.rfind("tests/"):] if "tests/" in path else path
             counts[key] = counts.get(key, 0) + 1
