@@ -196,3 +196,10 @@ def test_hopper_plan_needs_flashmla_and_builds_hopper_families():
     assert plan.families["fmha_sm100"].skipped                  # patch 0003: MSA not needed
     assert any("flashmla.cmake" in e for e in plan.errors)      # FlashMLA's source is not here
     assert not plan.configured
+
+
+def test_a_configure_log_read_through_pip_is_read_the_same():
+    """pip indents what the build prints: `blackwheel plan` reads its families from pip's log."""
+    text = (FIXTURES / "0.25.1-patched-gb10.log").read_text()
+    indented = "\n".join("  " + line for line in text.splitlines())
+    assert parse_configure(indented).rows() == parse_configure(text).rows() != []

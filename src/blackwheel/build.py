@@ -36,7 +36,7 @@ from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, parse
                      requirement_lines, stack_disagreements)
 from .sources import Fetcher, safe_extract
 from .targets import DEFAULT_TARGET, Target, resolve_target
-from .vllm_plan import plan_only_cmake_args, toolkit_library_hints
+from .vllm_plan import parse_configure, plan_only_cmake_args, toolkit_library_hints
 from .wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
@@ -516,11 +516,14 @@ def plan_package(req: BuildRequest, out: Path) -> dict:
     if text is None:
         raise BuildFailed(f"{req.recipe.name}: no build file was generated: "
                           f"{result.first_error or 'see'} (log: {work / 'plan.log'})")
-    units = len(re.findall(r"^build \S+\.o: (?:cuda_)?compile ", text, re.MULTILINE))
+    # torch's build.ninja: "cuda_compile" / "compile"; CMake's: "CUDA_COMPILER__<target>_..."
+    units = len(re.findall(r"^build \S+\.o: (?:(?:cuda_)?compile|(?:CUDA|CXX)_COMPILER__\w+) ", text, re.MULTILINE))
+    # a CMake build prints its kernel families and their arches while it configures (vLLM)
+    families = parse_configure((work / "plan.log").read_text(errors="replace")).rows()
     shutil.rmtree(work, ignore_errors=True)
     return {"package": req.recipe.name, "target": req.target.name, "knob": req.recipe.arch.knob,
             "value": env[req.recipe.arch.knob], "gencode": gencode_flags(text), "units": units,
-            "build_file": str(out)}
+            **({"families": dict(families)} if families else {}), "build_file": str(out)}
 
 
 def _mk(p: Path) -> Path:

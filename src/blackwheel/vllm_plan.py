@@ -226,6 +226,7 @@ def _parse_archs(text: str) -> tuple[tuple[CudaArch, ...], tuple[CudaArch, ...]]
 
 def _status_lines(text: str):
     for raw in text.splitlines():
+        raw = raw.lstrip()   # pip indents what the build prints
         if raw.startswith("-- "):
             yield raw[3:].strip()
 
