@@ -167,7 +167,7 @@ def test_vllm_greedy_matches_transformers(backend, reference, vllm_version, resu
             why += f"; FlashInfer kernels missing from the AOT wheel: {missing}"
         if any(name.endswith("_sm90") for name in missing):   # FlashInfer names its fa3 modules so
             why += (" (vLLM's FlashInfer prefill asks for backend='auto', which FlashInfer resolves to fa3"
-                    " on SM90; the kernel set ships fa2 only)")
+                    " on SM90: the installed kernel set lacks these FA3 modules)")
         pytest.fail(f"vLLM with {backend} {why}; log {stem.with_suffix('.log')}:\n{_tail(log)}", pytrace=False)
 
     verdicts = []
