@@ -2,6 +2,8 @@
 
 The end-to-end tests drive the whole pipeline (fetch from a mirror, hash check, patch, nvcc build,
 retag, verify, wheelhouse) on it: it builds in a minute on two cores, where flash-attn takes hours.
+``light=True`` gives the same package without torch's headers in its units (a plain CPython module
+and a kernel): a cold build in seconds of compile, for the fault tests that build it many times.
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ torch::Tensor saxpy(torch::Tensor x, torch::Tensor y) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("saxpy", &saxpy); }
 '''
 
+# light: the same setup.py lines the patch touches, units without torch's headers
+_LIGHT_SOURCES = ('["csrc/saxpy.cu"]', '["csrc/module.cpp", "csrc/saxpy.cu"]')
+_LIGHT_KERNEL = '''
+__global__ void saxpy_kernel(const float* x, float* y, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = SCALE * x[i] + y[i];
+}
+void saxpy(const float* x, float* y, int n) { saxpy_kernel<<<(n + 255) / 256, 256>>>(x, y, n); }
+'''
+_LIGHT_MODULE = '''
+#include <Python.h>
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mod); }
+'''
+
 _PATCH = '''From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
 From: blackwheel tests <tests@blackwheel.invalid>
 Date: Wed, 25 Nov 2026 00:00:00 +0000
@@ -85,12 +102,14 @@ class TestProject:
     sha256: str
 
 
-def make_sdist(where: Path) -> Path:
+def make_sdist(where: Path, light: bool = False) -> Path:
     root = where / f"bw_saxpy-{VERSION}"
     (root / "csrc").mkdir(parents=True)
     (root / "bw_saxpy").mkdir()
-    (root / "setup.py").write_text(_SETUP.lstrip("\n"))
-    (root / "csrc" / "saxpy.cu").write_text(_KERNEL)
+    (root / "setup.py").write_text(_SETUP.lstrip("\n").replace(*_LIGHT_SOURCES) if light else _SETUP.lstrip("\n"))
+    (root / "csrc" / "saxpy.cu").write_text(_LIGHT_KERNEL if light else _KERNEL)
+    if light:
+        (root / "csrc" / "module.cpp").write_text(_LIGHT_MODULE)
     (root / "bw_saxpy" / "__init__.py").write_text("from . import _C\n")
     (root / "PKG-INFO").write_text(f"Metadata-Version: 2.1\nName: {NAME}\nVersion: {VERSION}\n"
                                    "Requires-Dist: torch\n")
@@ -137,11 +156,12 @@ def torch_version(python: str) -> str:
     return out.split("+")[0]
 
 
-def make_project(where: Path, python: str, archs: dict[str, list[str]] | None = None) -> TestProject:
+def make_project(where: Path, python: str, archs: dict[str, list[str]] | None = None,
+                 light: bool = False) -> TestProject:
     """recipes/ (recipe + stack pinning the given Python's torch), patches/, mirror/pypi/<sdist>."""
     mirror = where / "mirror" / "pypi"
     mirror.mkdir(parents=True)
-    sdist = make_sdist(mirror)
+    sdist = make_sdist(mirror, light)
     sha = sha256_file(sdist)
     recipes = where / "recipes"
     (recipes / "stacks").mkdir(parents=True)

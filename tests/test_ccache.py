@@ -122,7 +122,13 @@ TORCH_LIKE = ["-DTORCH_EXTENSION_NAME=demo", "-D_GLIBCXX_USE_CXX11_ABI=1", "-O3"
 
 
 @pytest.fixture
-def redis_url(tmp_path):
+def redis_url(redis_proc):
+    yield redis_proc[1]
+
+
+@pytest.fixture
+def redis_proc(tmp_path):
+    """A real redis-server (no persistence) and its URL; stopped after the test unless already gone."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server not installed (apt-get install redis-server)")
@@ -142,9 +148,10 @@ def redis_url(tmp_path):
                 proc.kill()
                 pytest.fail("redis-server did not answer PING within 10 s")
             time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    yield proc, f"redis://127.0.0.1:{port}/0"
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _compile_twice(config: CacheConfig, tmp_path: Path, flashinfer: bool = False) -> list[tuple[float, dict]]:
@@ -339,6 +346,76 @@ def test_a_down_redis_falls_back_to_local_without_leaking_a_server(tmp_path):
         ccache.stop_server(SCCACHE, env)
     assert wait_until(10, lambda: ccache.server_pids(server_port) == []), ccache.server_pids(server_port)
 
+
+
+def test_the_launcher_skips_sccache_once_the_store_is_down(tmp_path):
+    fake = tmp_path / "bin" / "sccache"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho via-sccache \"$@\"\n")
+    fake.chmod(0o755)
+    launcher = ccache.write_launcher(tmp_path / "launch", fake)
+    def run(*args: str) -> str:
+        return subprocess.run([str(launcher), *args], capture_output=True, text=True).stdout.strip()
+    assert run("echo", "hi") == "via-sccache echo hi"
+    (launcher.parent / ccache.DOWN_FLAG).write_text("down\n")
+    assert run("echo", "hi") == "hi"                           # the compiler alone
+    assert run("--show-stats") == "via-sccache --show-stats"   # sccache's own commands still reach it
+    ccache.write_launcher(tmp_path / "launch", fake)             # a new build starts with the store up
+    assert run("echo", "hi") == "via-sccache echo hi"
+
+
+def test_store_answers_sees_redis_go(redis_url):
+    config = CacheConfig.from_url(redis_url)
+    assert ccache.store_answers(config)
+    assert not ccache.store_answers(CacheConfig.from_url(f"redis://127.0.0.1:{ccache.free_port()}/0"))
+    assert ccache.store_answers(CacheConfig(kind="local", directory=Path("/nonexistent")))   # never asked
+
+
+def _compile_clients(port: int) -> list[int]:
+    """sccache clients (not servers) of ``port`` now running."""
+    wanted = f"SCCACHE_SERVER_PORT={port}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            comm = (entry / "comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if comm == "sccache" and wanted in environ and b"SCCACHE_START_SERVER=1" not in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.nvcc
+def test_a_store_that_stops_answering_mid_compile_is_abandoned_not_waited_for(tmp_path, redis_proc):
+    """Measured without this: sccache waits 30 s for a Redis connection on every lookup and again on
+    every store, a minute per nvcc stage. With the watch: the compile waiting on the dead store is
+    run by its client instead (the server is abandoned), and the next compile skips sccache."""
+    proc, url = redis_proc
+    (tmp_path / "kernel.cu").write_text(KERNEL)
+    launcher = ccache.write_launcher(tmp_path / "launch", SCCACHE)
+    used, env, _ = ccache.start_with_fallback(CacheConfig.from_url(url), SCCACHE, os.environ,
+                                              fallback_dir=tmp_path / "local", launcher=launcher)
+    port = env["SCCACHE_SERVER_PORT"]
+    watch = ccache.StoreWatch(used, env, launcher.parent / ccache.DOWN_FLAG, every=0.2, misses=2, settle=0.5)
+    cmd = f"{launcher} {NVCC} -O3 -gencode arch=compute_120,code=sm_120 -c kernel.cu -o"
+    try:
+        assert used.kind == "redis"
+        proc.kill()
+        proc.wait()
+        first = subprocess.Popen(f"{cmd} first.o", shell=True, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        assert wait_until(20, lambda: _compile_clients(port)), "the compile never reached sccache"
+        watch.start()      # the compile now waits on the dead store inside the server
+        assert first.wait(timeout=25) == 0, first.stderr.read()
+        assert "compiling locally instead" in first.stderr.read()   # abandoned, not waited out
+        assert watch.fell_back and ccache.server_pids(port) == []
+        second = subprocess.run(f"{cmd} second.o", shell=True, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert second.returncode == 0, second.stderr
+        assert ccache.server_pids(port) == []    # it skipped sccache: a client would have started a server
+        assert (tmp_path / "first.o").stat().st_size > 0 and (tmp_path / "second.o").stat().st_size > 0
+    finally:
+        watch.stop()
+        ccache.stop_server(SCCACHE, env)
 
 
 def test_off_needs_no_server(tmp_path):

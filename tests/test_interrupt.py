@@ -77,6 +77,27 @@ def test_session_tree_finds_jobs_in_their_own_group_and_one_that_left_the_sessio
     assert _running(_pids(pids)) == []
 
 
+def test_orphans_are_what_a_blackwheel_that_is_gone_left_running():
+    """A build's processes carry their blackwheel's mark (``OWNER_ENV``); once that blackwheel is
+    gone (SIGKILL: it could end nothing), the next build ends them. A live owner's are left alone."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    mark = f"{owner.pid}:{interrupt._stat(owner.pid).start}"
+    mine = subprocess.Popen(["sleep", "300"], env={**os.environ, interrupt.OWNER_ENV: interrupt.owner_mark()})
+    left = subprocess.Popen(["sleep", "300"], env={**os.environ, interrupt.OWNER_ENV: mark}, start_new_session=True)
+    try:
+        assert left.pid not in interrupt.orphans()        # its blackwheel still runs
+        owner.kill()
+        owner.wait()
+        found = interrupt.orphans()
+        assert left.pid in found and mine.pid not in found
+        assert left.pid in interrupt.end_orphans()
+        assert left.wait(timeout=10) == -signal.SIGTERM and mine.poll() is None
+    finally:
+        for proc in (owner, mine, left):
+            proc.kill()
+            proc.wait()
+
+
 def test_signals_raise_in_the_main_thread_and_only_the_first_with_only_first():
     before = signal.getsignal(signal.SIGTERM)
     with interrupt.SignalsRaise(only_first=True) as signals:

@@ -62,6 +62,23 @@ def test_other_bytes_under_a_published_name_are_refused(server, wheels):
     assert sha(server.packages / wheels[0].name) == sha(wheels[0])
 
 
+def test_a_cut_off_upload_on_the_index_is_named_as_one(server, tmp_path):
+    """pypiserver writes an upload in place: killed while writing, it keeps the part it had (seen in
+    tests/faults). That is not "other bytes, rebuild with a new version": it is named, one line, and
+    once it is removed a rerun completes."""
+    wheel = h.place(h.build_wheel(tmp_path, "bw-cut", "3.0", 1), tmp_path / "wh")
+    part = server.packages / wheel.name
+    part.write_bytes(wheel.read_bytes()[: wheel.stat().st_size // 2])
+    with pytest.raises(PublishError) as exc:
+        publish([wheel], server.url, environ=GOOD)
+    message = str(exc.value)
+    sizes = f"({part.stat().st_size} of {wheel.stat().st_size} bytes"
+    assert f"{wheel.name} on the index is a partial upload {sizes}" in message
+    assert "rebuild" not in message and "\n" not in message
+    part.unlink()
+    assert [w.filename for r in publish([wheel], server.url, environ=GOOD).releases for w in r.uploaded] == [wheel.name]
+
+
 def test_failure_midway_reports_and_a_rerun_completes(server, tmp_path):
     plain = h.place(h.build_wheel(tmp_path, "bw-mid", "2.0", 1), tmp_path / "wh")
     tagged = plain.with_name(plain.name.replace("-2.0-", "-2.0-1-"))  # same release, build tag 1

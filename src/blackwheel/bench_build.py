@@ -220,7 +220,7 @@ def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | 
         plan = job_plan(req)
         env = build_environment(req, toolchain, prepared, plan)
         env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan,
-                                         CacheConfig(kind="local", directory=cache_dir))
+                                         CacheConfig(kind="local", directory=cache_dir), work=run.work)
         return longest_first_env(req, env, run.work), cache
     return prepare
 

@@ -29,7 +29,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from . import toolchain as tc_mod
 from .errors import BuildFailed, StackMismatch, ToolchainError, UsageError
-from .fsutil import sha256_file
+from .fsutil import flocked, sha256_file
+from .interrupt import OWNER_ENV, end_orphans, owner_mark
 from .patch import apply_series
 from .progress import run_logged
 from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, parse_variant_choices,
@@ -246,6 +247,7 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
     env.update(plan.env_for(req.recipe.jobs_style))
     # no network after fetch: pip may not look at an index, and nothing may prompt
     env.update({"PIP_NO_INDEX": "1", "PIP_NO_INPUT": "1", "PYTHONUNBUFFERED": "1"})
+    env[OWNER_ENV] = owner_mark()   # if this blackwheel is killed, the next build ends what it left
     return env
 
 
@@ -364,14 +366,20 @@ class CacheSession:
     sccache: str
     env: dict[str, str]
     note: str
+    watch: object = None   # ccache.StoreWatch of a remote store
 
     def finish(self) -> dict:
         from .ccache import stats, stop_server
 
-        try:
-            out = {**stats(self.sccache, self.env), "store": self.note}
-        except Exception as exc:  # stats are a report, never a reason to lose a finished build
-            out = {"store": self.note, "error": str(exc)}
+        if self.watch is not None:
+            self.watch.stop()
+        if self.watch is not None and self.watch.fell_back:   # the server was abandoned: no stats to ask
+            out = {"store": self.note, "fell_back": self.watch.fell_back}
+        else:
+            try:
+                out = {**stats(self.sccache, self.env), "store": self.note}
+            except Exception as exc:  # stats are a report, never a reason to lose a finished build
+                out = {"store": self.note, "error": str(exc)}
         stop_server(self.sccache, self.env)
         return out
 
@@ -381,10 +389,12 @@ def _sccache_binary(env: dict[str, str]) -> str | None:
     return str(beside) if beside.is_file() else shutil.which("sccache", path=env.get("PATH"))
 
 
-def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree: Path, plan, config=None):
-    """sccache (``config``, else BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of nvcc."""
+def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree: Path, plan, config=None,
+                        work: Path | None = None):
+    """sccache (``config``, else BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of
+    nvcc; the build's sccache launcher is written in ``work`` (default: beside ``tree``)."""
     from . import memgate
-    from .ccache import CacheConfig, start_with_fallback, zero_stats
+    from .ccache import DOWN_FLAG, CacheConfig, StoreWatch, start_with_fallback, write_launcher, zero_stats
     from .jobs import memgate_env
 
     unit_bytes = int(float(req.recipe.expect.get("unit-memory-gib", 2.0)) * 2**30)
@@ -397,12 +407,25 @@ def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree:
         why = "off" if config.kind == "off" else "sccache not installed"
         print(f"compiler cache: none ({why})", file=sys.stderr)
         return {**env, "PYTORCH_NVCC": shlex.join(gate + [nvcc]), "TORCH_NO_COMPILER_WRAPPER": "1"}, None
-    config, env, note = start_with_fallback(config, sccache, env, source_root=tree, nvcc=nvcc, nvcc_prefix=gate)
+    launcher = write_launcher((work or tree.parent) / "sccache", sccache)   # skips sccache once the store is down
+    config, env, note = start_with_fallback(config, sccache, env, source_root=tree, nvcc=nvcc, nvcc_prefix=gate,
+                                            launcher=launcher)
     print(note, file=sys.stderr)
     if config.kind == "off":
         return env, None
     zero_stats(sccache, env)
-    return env, CacheSession(sccache, env, note)
+    watch = StoreWatch(config, env, launcher.parent / DOWN_FLAG).start() if config.kind in ("redis", "s3") else None
+    return env, CacheSession(sccache, env, note, watch)
+
+
+def _reusable(req: BuildRequest, key: str, why: str) -> BuildOutcome | None:
+    reused = None if req.force else find_reusable(req.wheelhouse, req.stack.name, req.target.name,
+                                                  req.recipe.name, key)
+    if reused is None:
+        return None
+    wheel = req.wheelhouse / req.stack.name / req.target.name / reused["wheel"]
+    print(f"reused {wheel.name} (build key {key[:12]}: {why})", file=sys.stderr)
+    return BuildOutcome(wheel, reused, True)
 
 
 def build_package(req: BuildRequest) -> BuildOutcome:
@@ -411,14 +434,25 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     tc_mod.check(toolchain, req.stack.torch, rv.gcc, req.recipe.name)
     inputs = build_inputs(req, toolchain)
     key = build_key(inputs)
-    if not req.force:
-        reused = find_reusable(req.wheelhouse, req.stack.name, req.target.name, req.recipe.name, key)
-        if reused:
-            wheel = req.wheelhouse / req.stack.name / req.target.name / reused["wheel"]
-            print(f"reused {wheel.name} (build key {key[:12]}: identical inputs)", file=sys.stderr)
-            return BuildOutcome(wheel, reused, True)
+    outcome = _reusable(req, key, "identical inputs")
+    if outcome:
+        return outcome
     # a fixed folder per package/version/target: the compiler cache hits only for sources at the same path
     work = req.workdir / "-".join([req.recipe.name, rv.version, req.target.name, *req.variant_tags])
+    label = f"{req.recipe.name} {rv.version} [{req.target.name}]"
+    # one build at a time in a work folder: a second run of the same build waits, then reuses the
+    # first's wheel (its key matches) instead of deleting the tree the first one compiles
+    with flocked(work, lambda: print(f"waiting for another build of {label}: it holds {work}",
+                                     file=sys.stderr)) as waited:
+        why = "built by the run this one waited for" if waited else "identical inputs"
+        return _reusable(req, key, why) or _build(req, toolchain, inputs, key, work)
+
+
+def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> BuildOutcome:
+    rv = req.version
+    ended = end_orphans()   # before the work folder is touched: a killed build's may still compile in it
+    if ended:
+        print(f"ended {len(ended)} processes a killed build left running", file=sys.stderr)
     started = time.time()
     prepared = prepare_tree(req, work / "src")
     check_build_requirements(req, prepared.tree)
@@ -430,7 +464,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log = req.workdir / "logs" / f"{req.recipe.name}-{key[:12]}.log"
-    env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan)
+    env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan, work=work)
     env = longest_first_env(req, env, work)      # last: the ninja stand-in must come first on PATH
     try:
         result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)

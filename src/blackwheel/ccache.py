@@ -21,6 +21,12 @@ across two source folders: with ``SCCACHE_BASEDIRS`` (``source_root`` below) hos
 ptxas hit, but cudafe++ and cicc hash the absolute ``--orig_src_file_name`` and miss. So a
 rebuild hits fully only when the sources sit at the same path: extract each sdist to a fixed
 folder. Adding an arch reuses the kept arches' stages (see ``arch_delta_plan``).
+
+A remote store that stops answering mid-build: sccache 0.16 then waits 30 s for a connection on
+every lookup and again on every store (measured: a minute per nvcc stage, so a 14 s build took
+280 s). ``StoreWatch`` asks the store every second; once it stops answering, builds call the
+compiler directly (the ``sccache`` they call is ``write_launcher``'s script) and the server is
+ended, so its waiting clients compile on their own (``SCCACHE_IGNORE_SERVER_IO_ERROR``).
 """
 
 from __future__ import annotations
@@ -28,14 +34,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import ToolchainError, UsageError
+from .fsutil import atomic_write_text
 from .interrupt import descendants, end_processes
 
 CACHE_URL_ENV = "BLACKWHEEL_CACHE_URL"
@@ -160,20 +171,23 @@ def _host_port(parts) -> str:
 
 def cache_env(config: CacheConfig, sccache_bin: str | os.PathLike, nvcc: str | None = None,
               port: int | None = None, source_root: str | os.PathLike | None = None,
-              nvcc_prefix: list[str] | None = None) -> dict[str, str]:
+              nvcc_prefix: list[str] | None = None, launcher: str | os.PathLike | None = None) -> dict[str, str]:
     """Variables that route a build's compiles through sccache with ``config``'s store.
 
-    ``nvcc_prefix`` goes before sccache in PYTORCH_NVCC (e.g. the memgate launcher).
+    ``nvcc_prefix`` goes before sccache in PYTORCH_NVCC (e.g. the memgate launcher); ``launcher``
+    (``write_launcher``) is called in sccache's place.
     With kind "off" only ``TORCH_NO_COMPILER_WRAPPER`` is set, so off means off.
     Merge with ``apply_cache_env``: it first drops stray SCCACHE_* variables.
     """
     if config.kind == "off":
         return {"TORCH_NO_COMPILER_WRAPPER": "1"}
-    sccache = str(Path(sccache_bin).resolve())
+    sccache = str(Path(launcher or sccache_bin).resolve())
     env = _store_env(config)
     env["SCCACHE_SERVER_PORT"] = str(port or free_port())
-    # longer than any unit (flash-attn's take up to ~10 min); a server a crash leaks still ends
+    # longer than any unit (flash-attn's take up to ~10 min); a server a killed build leaks is
+    # ended by the next build (``interrupt.end_orphans``)
     env["SCCACHE_IDLE_TIMEOUT"] = "7200"
+    env["SCCACHE_IGNORE_SERVER_IO_ERROR"] = "1"   # a server that is gone: its clients compile on their own
     if source_root is not None:
         env["SCCACHE_BASEDIRS"] = str(Path(source_root).resolve())
     nvcc = nvcc or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -187,13 +201,16 @@ def cache_env(config: CacheConfig, sccache_bin: str | os.PathLike, nvcc: str | N
 
 
 def apply_cache_env(base: Mapping[str, str], cache: Mapping[str, str],
-                    sccache_bin: str | os.PathLike | None = None) -> dict[str, str]:
-    """``base`` without stray cache settings, plus ``cache``; sccache's folder first on PATH."""
+                    sccache_bin: str | os.PathLike | None = None,
+                    launcher: str | os.PathLike | None = None) -> dict[str, str]:
+    """``base`` without stray cache settings, plus ``cache``; the launcher's folder, then sccache's,
+    first on PATH."""
     env = {k: v for k, v in base.items()
            if not k.startswith(OWNED_PREFIXES) and k not in OWNED_NAMES}
     env.update(cache)
     if sccache_bin is not None and "PYTORCH_NVCC" in cache:
-        env["PATH"] = os.pathsep.join([str(Path(sccache_bin).resolve().parent), base.get("PATH", "")])
+        first = [str(Path(p).resolve().parent) for p in (launcher, sccache_bin) if p is not None]
+        env["PATH"] = os.pathsep.join([*first, base.get("PATH", "")])
     return env
 
 
@@ -279,7 +296,8 @@ def start_with_fallback(config: CacheConfig, sccache_bin: str | os.PathLike, bas
     """
     tried = []
     for candidate in _fallbacks(config, fallback_dir or DEFAULT_DIR.expanduser()):
-        env = apply_cache_env(base_env, cache_env(candidate, sccache_bin, **cache_kw), sccache_bin)
+        env = apply_cache_env(base_env, cache_env(candidate, sccache_bin, **cache_kw), sccache_bin,
+                              cache_kw.get("launcher"))
         if candidate.kind == "off":
             return candidate, env, _note(config, candidate, tried)
         try:
@@ -303,6 +321,108 @@ def _note(wanted: CacheConfig, used: CacheConfig, failures: list[str]) -> str:
     if used == wanted:
         return f"compiler cache: {used.describe()}"
     return f"compiler cache: {used.describe()} ({'; '.join(failures)})"
+
+
+# ---- a store that stops answering mid-build -------------------------------------------------------
+DOWN_FLAG = "store-down"
+_LAUNCHER = """#!/bin/sh
+# written by blackwheel: sccache, until the build's store stopped answering ({flag} exists);
+# then the compiler alone (sccache would wait 30 s on the store for every lookup and every store)
+case "$1" in -*) exec {sccache} "$@" ;; esac
+[ -e {flag} ] && exec "$@"
+exec {sccache} "$@"
+"""
+
+
+def write_launcher(folder: Path, sccache_bin: str | os.PathLike) -> Path:
+    """``folder/sccache``: what a build calls in sccache's place (its folder goes first on PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DOWN_FLAG).unlink(missing_ok=True)
+    launcher = folder / "sccache"
+    atomic_write_text(launcher, _LAUNCHER.format(flag=shlex.quote(str(folder / DOWN_FLAG)),
+                                                 sccache=shlex.quote(str(Path(sccache_bin).resolve()))))
+    launcher.chmod(0o755)
+    return launcher
+
+
+def store_answers(config: CacheConfig, timeout: float = 2.0) -> bool:
+    """Whether a remote store answers now: Redis a PING (any reply; NOAUTH too), rediss and an S3
+    endpoint a TCP connection. Local disk, off and S3 without an endpoint are not asked (True)."""
+    if config.kind == "redis":
+        parts = urlsplit(config.url or "")
+        address, probe = (parts.hostname, parts.port or 6379), b"PING\r\n" if parts.scheme == "redis" else b""
+    elif config.kind == "s3" and config.endpoint:
+        parts = urlsplit(config.endpoint)
+        address, probe = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), b""
+    else:
+        return True
+    try:
+        with socket.create_connection(address, timeout=timeout) as conn:
+            if probe:
+                conn.sendall(probe)
+                return conn.recv(1) in (b"+", b"-")
+            return True
+    except OSError:
+        return False
+
+
+def _signal_all(pids, sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def abandon_servers(port: int | str) -> None:
+    """End the servers for ``port`` and the compiles they run, so their clients compile on their own.
+
+    Each server is stopped first (SIGSTOP: it can neither start another job nor report an ended
+    one as a failed compile), then killed; its clients see it gone and run their compiler
+    themselves (SCCACHE_IGNORE_SERVER_IO_ERROR); then its compiles are ended."""
+    servers = server_pids(port)
+    _signal_all(servers, signal.SIGSTOP)
+    jobs = descendants(servers)
+    _signal_all(servers, signal.SIGKILL)
+    end_processes(lambda: server_pids(port))
+    end_processes(lambda: jobs)
+
+
+class StoreWatch:
+    """Asks a build's remote store every ``every`` s while the build runs. After ``misses``
+    unanswered asks in a row: the launcher's flag is set (new compiles skip sccache), and after
+    ``settle`` s (a compile that read the flag just before reaches the server) the server is
+    abandoned (``abandon_servers``). ``fell_back`` then says what happened, in one line."""
+
+    def __init__(self, config: CacheConfig, env: Mapping[str, str], flag: Path, every: float = 1.0,
+                 misses: int = 3, settle: float = 2.0):
+        self.config, self.port, self.flag = config, env["SCCACHE_SERVER_PORT"], flag
+        self.every, self.misses, self.settle = every, misses, settle
+        self.fell_back: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
+
+    def start(self) -> "StoreWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:   # started
+            self._thread.join()
+
+    def _run(self) -> None:
+        started, missed = time.monotonic(), 0
+        while missed < self.misses:
+            if self._stop.wait(self.every):
+                return
+            missed = 0 if store_answers(self.config) else missed + 1
+        atomic_write_text(self.flag, "down\n")
+        self.fell_back = (f"{self.config.describe()} stopped answering (seen {time.monotonic() - started:.0f} s "
+                          f"after the build's server started): the rest compiles uncached")
+        print(f"compiler cache: {self.fell_back}", file=sys.stderr)
+        if not self._stop.wait(self.settle):
+            abandon_servers(self.port)
 
 
 def zero_stats(sccache_bin: str | os.PathLike, env: Mapping[str, str]) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 CHUNK = 1 << 20
 
@@ -100,3 +102,24 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dst
+
+
+@contextmanager
+def flocked(folder: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``folder`` itself (made if missing; no lock file is left
+    behind); yields whether another holder had to be waited for. ``on_wait`` is called once,
+    before waiting. The kernel drops the lock when its holder dies, even by SIGKILL."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)

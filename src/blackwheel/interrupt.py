@@ -7,6 +7,11 @@ descent (``session_tree``), together with what runs below the build's sccache se
 (``ccache.server_jobs``). SIGTERM first, so ninja and nvcc clean up after themselves; SIGKILL
 for what is left after a grace period. Processes are followed by pid and start time, so a
 compiler whose parent dies first (and is re-parented) is still ended, and a reused pid never is.
+
+A blackwheel killed outright (SIGKILL, the OOM killer) can end nothing: its build session and its
+sccache server run on, the package build in the very work folder a rerun would prepare. So every
+process of a build carries its blackwheel's ``OWNER_ENV`` mark, and the next build ends the
+``orphans`` (marked by a blackwheel that is gone) before it starts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import Interrupted
 
+OWNER_ENV = "BLACKWHEEL_OWNER"   # "<pid>:<start>" of the blackwheel whose build started the process
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TERM_GRACE_S = 5.0   # ninja forwards SIGTERM to its jobs; nvcc removes its temporary files
 KILL_WAIT_S = 2.0    # SIGKILL is not refused: only a process stuck in the kernel outlives this
@@ -116,6 +122,40 @@ def end_processes(find: Callable[[], Iterable[int]], grace: float = TERM_GRACE_S
                 signalled.add(pid)
             time.sleep(POLL_S)
     return sorted(tracked)
+
+
+def owner_mark() -> str:
+    """This process as ``OWNER_ENV`` names it."""
+    me = _stat(os.getpid())
+    return f"{os.getpid()}:{me.start if me else 0}"
+
+
+def orphans(proc_dir: Path = Path("/proc")) -> set[int]:
+    """Processes marked with ``OWNER_ENV`` by a blackwheel that is gone (or is another process now)."""
+    found, needle = set(), f"{OWNER_ENV}=".encode()
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            mark = next((v[len(needle):] for v in (entry / "environ").read_bytes().split(b"\0")
+                         if v.startswith(needle)), None)
+        except OSError:
+            continue
+        if mark is None or b":" not in mark:
+            continue
+        pid, start = mark.decode().split(":", 1)
+        owner = _stat(pid, proc_dir) if pid.isdigit() else None
+        if owner is None or str(owner.start) != start:
+            found.add(int(entry.name))
+    return found
+
+
+def end_orphans() -> set[int]:
+    """End what killed blackwheels left running (their builds, sccache servers, compiles); returns the pids."""
+    found = orphans()
+    if found:
+        end_processes(orphans)
+    return found
 
 
 class SignalsRaise:

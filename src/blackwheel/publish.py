@@ -8,7 +8,9 @@ Rules:
   every line we print, log or raise.
 - Before uploading anything, the index's simple API is asked what it holds (see ``simple_url_for``):
   a file with the same name and sha256 is skipped; the same name with other bytes stops the whole
-  run, naming both hashes, before any upload.
+  run, naming both hashes, before any upload. Other bytes that are the start of ours are named as
+  what they are, a cut-off upload (pypiserver writes an upload in place: a server killed while
+  writing keeps the part it had), to be removed from the index before a rerun.
 - Files are uploaded one per twine call, so a failure midway can say exactly which files of that
   package version are up and which are not; a rerun skips the ones already there.
 - Manifests and SBOMs are not dist files and upload servers reject them; they travel in the static
@@ -160,8 +162,8 @@ def _get(url: str, creds: Credentials, accept: str = "*/*") -> tuple[str, bytes]
             f"the index at {url} is unreachable ({creds.scrub(str(reason))}): is the server running?") from None
 
 
-def remote_files(simple_url: str, project: str, creds: Credentials) -> dict[str, str]:
-    """``{filename: sha256}`` of one project on the index (empty if the project is not there)."""
+def remote_files(simple_url: str, project: str, creds: Credentials) -> dict[str, tuple[str, str]]:
+    """``{filename: (sha256, url)}`` of one project on the index (empty if the project is not there)."""
     page = urljoin(simple_url, f"{project}/")
     try:
         ctype, body = _get(page, creds, SIMPLE_ACCEPT)
@@ -169,8 +171,9 @@ def remote_files(simple_url: str, project: str, creds: Credentials) -> dict[str,
         return {}
     try:
         if "json" in ctype:  # PEP 691
-            return {f["filename"]: f.get("hashes", {}).get("sha256") or _hash_remote(urljoin(page, f["url"]), creds)
-                    for f in json.loads(body)["files"]}
+            links = {f["filename"]: (f.get("hashes", {}).get("sha256"), urljoin(page, f["url"]))
+                     for f in json.loads(body)["files"]}
+            return {name: (sha or _hash_remote(url, creds), url) for name, (sha, url) in links.items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise PublishError(f"the index's page {page} is not a PEP 691 project page ({exc})") from None
     parser = _Links()  # PEP 503 HTML
@@ -180,7 +183,7 @@ def remote_files(simple_url: str, project: str, creds: Credentials) -> dict[str,
         path, _, fragment = href.partition("#")
         name = unquote(urlsplit(path).path.rsplit("/", 1)[-1])
         sha = fragment[len("sha256="):] if fragment.startswith("sha256=") else ""
-        found[name] = sha or _hash_remote(urljoin(page, path), creds)
+        found[name] = (sha or _hash_remote(urljoin(page, path), creds), urljoin(page, path))
     return found
 
 
@@ -208,18 +211,30 @@ def plan_releases(wheels: list[Wheel], simple_url: str, creds: Credentials) -> l
     for wheel in wheels:
         release = releases.setdefault((wheel.project, wheel.version), Release(wheel.project, wheel.version))
         remote = listings.setdefault(wheel.project, remote_files(simple_url, wheel.project, creds))
-        theirs = remote.get(wheel.filename)
+        theirs, url = remote.get(wheel.filename, (None, None))
         if theirs is None:
             release.missing.append(wheel)
         elif theirs == wheel.sha256:
             release.present.append(wheel)
         else:
-            clashes.append(f"{wheel.filename} is on the index with sha256 {theirs} but {wheel.path} has sha256 "
-                           f"{wheel.sha256}")
+            clashes.append(_cut_off(wheel, url, creds) or f"{wheel.filename} is on the index with sha256 {theirs} "
+                           f"but {wheel.path} has sha256 {wheel.sha256}")
     if clashes:
-        raise PublishError("; ".join(clashes) + ": nothing uploaded (a published file never changes; rebuild "
-                           "with a new local version)")
+        other = [c for c in clashes if "partial upload" not in c]
+        raise PublishError("; ".join(clashes) + ": nothing uploaded" + (
+            " (a published file never changes; rebuild with a new local version)" if other else ""))
     return list(releases.values())
+
+
+def _cut_off(wheel: Wheel, url: str, creds: Credentials) -> str | None:
+    """The clash, if the index's file is a proper start of ours: an upload cut off midway."""
+    remote = _get(url, creds)[1]
+    size = wheel.path.stat().st_size
+    with open(wheel.path, "rb") as f:
+        if len(remote) < size and f.read(len(remote)) == remote:
+            return (f"{wheel.filename} on the index is a partial upload ({len(remote)} of {size} bytes, cut off "
+                    f"midway): remove it from the index, then rerun")
+    return None
 
 
 def _twine_env(creds: Credentials) -> dict[str, str]:

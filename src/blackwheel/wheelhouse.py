@@ -3,6 +3,8 @@
 Layout: ``wheelhouse/<stack>/<target>/<wheel>`` and ``<wheel>.manifest.json`` beside it. The wheel
 is written first under a temporary name, the manifest next, and the wheel renamed into place last:
 a wheel that is visible always has its manifest, and an interrupted build leaves nothing visible.
+Two placements into one folder take turns (a lock on the folder), so the manifest beside a wheel is
+always the one written with it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from packaging.version import Version
 
 from .errors import BuildFailed
 from .provenance import sealed
-from .fsutil import _temp_beside, atomic_write_json, disk_full, sha256_file
+from .fsutil import _temp_beside, atomic_write_json, disk_full, flocked, sha256_file
 
 MANIFEST_SCHEMA = "blackwheel.manifest/1"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -137,8 +139,9 @@ def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> P
         shutil.copyfile(wheel, tmp)   # streamed: a jit-cache wheel is ~2 GB
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "wheel": wheel.name,
                     "wheel_sha256": sha256_file(tmp), "wheel_size": os.path.getsize(tmp)}
-        atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), sealed(manifest))   # seal: provenance
-        os.replace(tmp, final)
+        with flocked(where):   # another placement of this name between our manifest and rename would mismatch them
+            atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), sealed(manifest))   # seal: provenance
+            os.replace(tmp, final)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if disk_full(exc):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -43,3 +44,15 @@ def world(tmp_path_factory):
     w["bundle"] = w["tmp"] / "sources.bwb"
     write_bundle([w["sdist"], w["app"]], Fetcher(w["tmp"] / "writer-cache", w["mirror"], offline=True), w["bundle"], {})
     return w
+
+
+@pytest.fixture(scope="session")
+def light_project(tmp_path_factory):
+    """The generated CUDA extension without torch's headers in its units (tests/cuda_ext.py): recipe,
+    patch, stack pinning this Python's torch, and a mirror holding its sdist."""
+    from tests import cuda_ext
+    from tests.conftest import has_cuda_torch
+
+    if not has_cuda_torch():
+        pytest.skip("needs a CUDA build of torch in this Python")
+    return cuda_ext.make_project(tmp_path_factory.mktemp("light"), sys.executable, light=True)

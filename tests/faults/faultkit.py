@@ -2,8 +2,12 @@
 a wheel), a subprocess driver killed with SIGKILL at seeded points, and the checks a cache, a
 wheelhouse and a static index must pass after any fault.
 
+Real builds (the light generated CUDA extension of tests/cuda_ext.py, through ``blackwheel build``)
+take seconds each: those cases run ``BUILD_TRIALS`` trials in all, each at its own seeded point.
+
 Knobs (environment):
-    BLACKWHEEL_FAULT_TRIALS   trials per fault point (default 3; the full run uses 20)
+    BLACKWHEEL_FAULT_TRIALS   trials per fault point (default 3; the full run uses 20); real-build
+                              cases: trials in all (default 1 when the variable is unset)
     BLACKWHEEL_FAULT_POINTS   fault points drawn per case (default 3)
     BLACKWHEEL_FAULT_SEED     the seed of every case's generator (default 1969)
     BLACKWHEEL_FAULTS_OUT     folder for faults.json (default: a pytest tmp folder)
@@ -18,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import asdict
@@ -31,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRIALS = int(os.environ.get("BLACKWHEEL_FAULT_TRIALS", "3"))
 POINTS = int(os.environ.get("BLACKWHEEL_FAULT_POINTS", "3"))
 SEED = int(os.environ.get("BLACKWHEEL_FAULT_SEED", "1969"))
+BUILD_TRIALS = TRIALS if "BLACKWHEEL_FAULT_TRIALS" in os.environ else 1
 
 def make_world(tmp: Path) -> dict:
     """tests/gitworld.py's world, with some bulk so a fetch takes measurable time."""
@@ -225,3 +231,160 @@ def check_index(out: Path) -> list[str]:
             if manifest.is_file() and json.loads(manifest.read_text())["wheel_sha256"] != entry["hashes"]["sha256"]:
                 problems.append(f"files/{manifest.name} describes other bytes than the indexed wheel")
     return problems
+
+
+# ---- real builds: ``blackwheel build`` of the light generated extension, in its own session ----------
+TOKEN_ENV = "BW_FAULT_TOKEN"   # in the environment of everything a build starts: its sccache server too
+
+
+def build_env(proj, where: Path, token: str, cache_url: str, workdir: Path | None = None) -> dict:
+    """The environment of a ``blackwheel build`` of ``proj`` (tests/cuda_ext.py) with everything in ``where``."""
+    return {**driver_env(), "BLACKWHEEL_RECIPES": str(proj.recipes), "BLACKWHEEL_PATCHES": str(proj.patches),
+            "BLACKWHEEL_MIRROR": str(proj.mirror), "BLACKWHEEL_OFFLINE": "1",
+            "BLACKWHEEL_CACHE": str(where / "cache"), "BLACKWHEEL_WHEELHOUSE": str(where / "wheelhouse"),
+            "BLACKWHEEL_WORKDIR": str(workdir or where / "work"), "BLACKWHEEL_CACHE_URL": cache_url,
+            "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"), TOKEN_ENV: token}
+
+
+class Build:
+    """``blackwheel build bw-saxpy --target gb10 --stack test`` in its own session; a thread per pipe
+    collects the lines with the time each arrived (seconds after start)."""
+
+    def __init__(self, env: dict, target: str = "gb10"):
+        from tests import cuda_ext
+
+        self.target = target
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "blackwheel.cli", "build", cuda_ext.NAME, "--target",
+                                      target, "--stack", "test"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.out: list[tuple[float, str]] = []
+        self.err: list[tuple[float, str]] = []
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(pipe, lines), daemon=True)
+                         for pipe, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, pipe, lines) -> None:
+        for line in pipe:
+            with self._changed:
+                lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_line(self, text: str, timeout: float = 300) -> float | None:
+        """When a stderr line containing ``text`` came (s after start); None if the build ended first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                hit = next((t for t, line in self.err if text in line), None)
+                if hit is not None:
+                    return hit
+                if not self._readers[1].is_alive() or time.monotonic() > deadline:
+                    return None
+                self._changed.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def kill(self) -> bool:
+        """SIGKILL the build's whole session (not the sccache server: it leaves the session). True if
+        the build was still running."""
+        if self.proc.poll() is not None:
+            return False
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        return True
+
+    def finish(self, timeout: float = 900) -> int:
+        self.proc.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout=30)
+        self.wall_s = time.monotonic() - self.t0
+        return self.proc.returncode
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(line for _, line in self.err)
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(line for _, line in self.out)
+
+
+def token_processes(token: str) -> dict[int, str]:
+    """Processes started under ``token`` (found by their environment): pid -> command name, with
+    ``sccache-server`` for a server."""
+    marker, found = f"{TOKEN_ENV}={token}".encode(), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if marker in environ:
+                comm = (entry / "comm").read_text().strip()
+                found[int(entry.name)] = "sccache-server" if b"SCCACHE_START_SERVER=1" in environ else comm
+        except OSError:
+            continue
+    return found
+
+
+def end_token_processes(token: str) -> None:
+    """End what a trial left running (the test's own processes, by pid)."""
+    from blackwheel.interrupt import end_processes
+
+    end_processes(lambda: token_processes(token))
+
+
+def check_built(root: Path, stack: str = "test", target: str = "gb10") -> tuple[list[str], Path | None]:
+    """(problems, the wheel): the wheelhouse is whole (``check_wheelhouse``), holds exactly one wheel
+    for the stack and target, its manifest says it verified, ``provenance`` accepts it and the wheel
+    verifies again for the target."""
+    from blackwheel.provenance import provenance
+    from blackwheel.targets import TARGETS
+    from blackwheel.verify import verify_wheel
+
+    problems, _ = check_wheelhouse(root)
+    wheels = sorted((root / stack / target).glob("*.whl"))
+    if len(wheels) != 1:
+        return problems + [f"{len(wheels)} wheels in the wheelhouse: {[w.name for w in wheels]}"], None
+    wheel = wheels[0]
+    try:
+        provenance(wheel)
+        manifest = json.loads(wheel.with_name(wheel.name + ".manifest.json").read_text())
+        if not manifest["verify"]["ok"]:
+            problems.append("the manifest says the wheel did not verify")
+        if not verify_wheel(wheel, TARGETS[target]).ok:
+            problems.append("the wheel does not verify for its target")
+    except Exception as exc:  # noqa: BLE001 - any refusal is a problem of the trial
+        problems.append(f"{type(exc).__name__}: {exc}")
+    return problems, wheel
+
+
+def start_redis(where: Path) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a free port, no persistence; returns once it answers PING (10 s deadline)."""
+    import shutil
+    import socket
+
+    from blackwheel.ccache import free_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        import pytest
+
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    where.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", str(where)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"redis-server on port {port} did not answer PING within 10 s")
+        time.sleep(0.05)

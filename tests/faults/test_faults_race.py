@@ -1,12 +1,20 @@
 """Races: two processes fetching the same git pin into one empty cache at once; two publishes of the
-same version with different bytes into one wheelhouse's static index at once."""
+same version with different bytes into one wheelhouse's static index at once; two real builds of
+one package, stack and target at once (one workdir, one wheelhouse, as two terminals would)."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+import threading
 import time
+import uuid
+
+import pytest
 
 from blackwheel.fsutil import sha256_file
+from blackwheel.wheelhouse import place
+from tests.conftest import needs_nvcc_and_torch, wait_until
 from tests.faults import faultkit as fk
 from tests.faults.test_faults_kill import FETCH
 
@@ -102,3 +110,66 @@ def test_two_publishes_of_one_version_with_different_bytes(fault_results, tmp_pa
                   one_won=sum(t["winners"] == 1 for t in trials), none_won=sum(t["winners"] == 0 for t in trials),
                   hashes=shas, detail=trials)
     assert not lost, lost[:3]
+
+
+@needs_nvcc_and_torch
+@pytest.mark.nvcc
+@pytest.mark.slow
+def test_two_builds_of_one_package_stack_and_target_at_once(light_project, fault_results, tmp_path):
+    """Expected: one builds, the other waits for it and reuses its wheel (the build key matches);
+    both name the same wheel; the wheelhouse holds it once, with its manifest."""
+    case = "race: two builds of one package, stack and target at once"
+    rng = random.Random(f"{fk.SEED}:{case}")
+    store = f"file://{tmp_path / 'sccache'}"    # one local compile cache for every trial, as on one machine
+    trials, t0 = [], time.monotonic()
+    for i in range(fk.BUILD_TRIALS):
+        stagger = round(rng.uniform(0, 2.0), 4)
+        token = uuid.uuid4().hex
+        env = fk.build_env(light_project, tmp_path / f"r{i}", token, store)
+        first = fk.Build(env)
+        try:
+            first.proc.wait(timeout=stagger)
+        except subprocess.TimeoutExpired:   # still running: the usual case
+            pass
+        second = fk.Build(env)
+        builds = [first, second]
+        rcs = [b.finish() for b in builds]
+        problems = [f"build {k} failed ({rc}): {b.stderr.splitlines()[-1:]}" for k, (rc, b) in
+                    enumerate(zip(rcs, builds)) if rc != 0]
+        built = [k for k, b in enumerate(builds) if "\nbuilt " in "\n" + b.stderr]
+        reused = [k for k, b in enumerate(builds) if "\nreused " in "\n" + b.stderr]
+        waited = [k for k, b in enumerate(builds) if "waiting for another build" in b.stderr]
+        if (len(built), len(reused)) != (1, 1):
+            problems.append(f"built by {built}, reused by {reused}: expected one each")
+        if len({b.stdout.strip() for b in builds}) != 1:
+            problems.append(f"they name different wheels: {[b.stdout.strip() for b in builds]}")
+        more, _ = fk.check_built(tmp_path / f"r{i}" / "wheelhouse")
+        problems += more
+        if not wait_until(30, lambda: not fk.token_processes(token)):
+            problems.append(f"left running: {fk.token_processes(token)}")
+            fk.end_token_processes(token)
+        trials.append({"stagger_s": stagger, "built_by": built, "reused_by": reused, "waited": waited,
+                       "wall_s": [round(b.wall_s, 2) for b in builds], "problems": problems})
+    lost = [t for t in trials if t["problems"]]
+    fault_results(case, seed=fk.SEED, trials=len(trials), survived=len(trials) - len(lost), lost=len(lost),
+                  one_built_one_reused=sum(len(t["built_by"]) == 1 and len(t["reused_by"]) == 1 for t in trials),
+                  waited=sum(bool(t["waited"]) for t in trials), seconds=round(time.monotonic() - t0, 2),
+                  detail=trials)
+    assert not lost, lost[:3]
+
+
+def test_placements_into_one_folder_take_turns(tmp_path):
+    """Two builds in different workdirs that share a wheelhouse both place: the manifest beside a wheel
+    must be the one written with it, so a placement waits while another holds the folder."""
+    from blackwheel.fsutil import flocked
+
+    wheel = fk.make_wheel(tmp_path / "in", bulk=1 << 10)
+    where = tmp_path / "wh" / "s" / "gb10"
+    done = threading.Event()
+    with flocked(where):
+        placing = threading.Thread(target=lambda: (place(wheel, fk.manifest_for(wheel, "s", "gb10"), tmp_path / "wh",
+                                                         "s", "gb10"), done.set()))
+        placing.start()
+        assert not done.wait(1.0), "placed while another placement held the folder"
+    placing.join(timeout=30)
+    assert done.is_set() and fk.check_wheelhouse(tmp_path / "wh") == ([], [])
