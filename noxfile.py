@@ -72,8 +72,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def faults(session: nox.Session) -> None:
-    """Faults injected at seeded random points (kill -9, tampering, races), 20 trials a point;
-    results in docs/reports/faults.json (the fast part runs in `tests` with 3 trials)."""
+    """Faults injected at seeded random points (kill -9, full disk, tampering, races, services down),
+    20 trials a point (real builds: 20 in all); results in docs/reports/faults.json (the fast part
+    runs in `tests`: 3 trials a point, 1 real build per case)."""
     session.install(f"torch=={os.environ.get('BLACKWHEEL_TEST_TORCH', '2.14.1')}")
     session.install("-e", ".[test]")
     env = {"BLACKWHEEL_FAULT_TRIALS": os.environ.get("BLACKWHEEL_FAULT_TRIALS", "20"),

@@ -108,7 +108,8 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def flocked(folder: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``folder`` itself (made if missing; no lock file is left
     behind); yields whether another holder had to be waited for. ``on_wait`` is called once,
-    before waiting. The kernel drops the lock when its holder dies, even by SIGKILL."""
+    before waiting. The kernel drops the lock when its holder dies, even by SIGKILL. Where the
+    filesystem cannot lock a folder (NFS emulates flock with write locks: EBADF), nothing is held."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -120,6 +121,10 @@ def flocked(folder: str | os.PathLike, on_wait: Callable[[], None] | None = None
                 on_wait()
             fcntl.flock(fd, fcntl.LOCK_EX)
             waited = True
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            waited = False
         yield waited
     finally:
         os.close(fd)
