@@ -47,9 +47,14 @@ def test_decode_set_is_head_dims_times_dtype_rows() -> None:
 
 def test_default_set_includes_its_parts_once() -> None:
     parts = labels("core") + labels("decode") + labels("prefill")
-    got = labels("default")
-    assert got == parts + ["cascade()"]
+    got = labels("default", archs=fa.target_archs(RECIPE, "gb10"))
+    assert got[:len(parts) + 2] == parts + ["cascade()", "quantization()"]
+    rest = got[len(parts) + 2:]   # single decode / prefill (FA2), 8 each; no FA3 module for 12.1a
+    assert [r.split("(")[0] for r in rest] == ["single_decode"] * 8 + ["single_prefill"] * 8
     assert len(set(got)) == len(got)
+    hopper = labels("default", archs=fa.target_archs(RECIPE, "hopper"))
+    assert hopper[:len(got)] == got and [r.split("(")[0] for r in hopper[len(got):]] == (
+        ["batch_prefill_sm90"] * 4 + ["single_prefill_sm90"] * 4)
 
 
 def test_narrowing_to_one_head_dim_and_dtype() -> None:
