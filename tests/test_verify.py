@@ -230,3 +230,39 @@ def test_cli_compat_exit_status(objects, monkeypatch, capsys):
     assert run_cli(["compat", str(objects["sm120a"]), "--cc", "12.1", "--json"]) == 1
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry["verdict"] == "none" and "specific to 12.0" in entry["rule"]
+
+
+# ---- a FlashInfer wheel against a recorded trace ----------------------------------------------------
+GB10_TRACE = Path(__file__).parents[1] / "recipes" / "traces" / "flashinfer-0.6.13-gb10.json"
+
+
+def test_cli_trace_for_another_target_is_refused_before_inspect(capsys, tmp_path):
+    assert run_cli(["verify", str(tmp_path / "nothing.whl"), "--target", "hopper", "--trace", str(GB10_TRACE)]) == 2
+    assert "recorded for target 'gb10', not 'hopper'" in capsys.readouterr().err
+
+
+def test_cli_unreadable_trace_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text("{}")
+    assert run_cli(["verify", str(tmp_path), "--target", "gb10", "--trace", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable trace" in err and err.count("\n") == 1
+
+
+def _aot_wheel(tmp_path: Path, lib: Path, modules: list[str]) -> Path:
+    members = {f"flashinfer/data/aot/{m}/{m}.so": lib for m in modules}
+    return make_wheel(tmp_path / "flashinfer_python-0.6.13-py3-none-any.whl", {**members, "flashinfer/__init__.py": ""})
+
+
+@pytest.mark.nvcc
+def test_trace_check_names_the_module_the_wheel_lacks(objects, capsys, tmp_path):
+    traced = sorted(json.loads(GB10_TRACE.read_text())["modules"])
+    wheel = _aot_wheel(tmp_path, objects["lib_sm121a"], traced[1:] + ["an_extra_module"])
+    assert run_cli(["verify", str(wheel), "--target", "gb10", "--trace", str(GB10_TRACE)]) == 7
+    err = capsys.readouterr().err
+    assert f"{traced[0]} (asked by" in err and "is not in the wheel for gb10" in err
+
+    whole = _aot_wheel(tmp_path, objects["lib_sm121a"], traced + ["an_extra_module"])
+    assert run_cli(["verify", str(whole), "--target", "gb10", "--trace", str(GB10_TRACE)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(traced)} module(s) asked for, 0 missing; the wheel holds 1 more" in out

@@ -36,7 +36,7 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Mapping, Sequence
 
 from . import jobs as jobs_mod
@@ -234,14 +234,16 @@ def kernel_set_table(recipe: Mapping, set_name: str, target: Target | str) -> st
     return "\n".join(lines)
 
 
-def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default") -> list[str]:
+def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default",
+               held: Iterable[str] | None = None) -> list[str]:
     """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
     target, one line each. A module outside the set is fine only when every test that asked for it
-    is excluded by the set's declared coverage (``exclude-tests``)."""
+    is excluded by the set's declared coverage (``exclude-tests``). ``held``: the modules a built
+    wheel holds (``wheel_module_names``), instead of those the set's recipe predicts."""
     from .upstream_coverage import excluded
 
-    archs = target_archs(recipe, trace["target"])
-    held = set(module_names(recipe, set_name, archs))
+    where = f"set {set_name!r}" if held is None else "the wheel"
+    held = set(module_names(recipe, set_name, target_archs(recipe, trace["target"])) if held is None else held)
     sets = recipe.get("kernel-sets", {})
     tables = [t for n in [*sets[set_name].get("include", []), set_name]
               for t in sets[n].get("coverage", {}).items()]
@@ -254,8 +256,18 @@ def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default") -> li
                    if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
         if not askers or covered:
             gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
-                        f"is not in set {set_name!r} for {trace['target']}")
+                        f"is not in {where} for {trace['target']}")
     return gaps
+
+
+def wheel_module_names(paths: Iterable[str]) -> set[str]:
+    """The AOT modules among a wheel's object paths: ``flashinfer/data/aot/<m>/<m>.so``."""
+    found = set()
+    for path in paths:
+        parts = PurePosixPath(str(path).replace("\\", "/")).parts
+        if len(parts) >= 2 and parts[-1] == f"{parts[-2]}.so" and "aot" in parts[:-2]:
+            found.add(parts[-2])
+    return found
 
 
 def target_archs(recipe: Mapping, target: Target | str) -> tuple[CudaArch, ...]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, replace
 from fnmatch import fnmatch
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence, Union
 
 from .errors import UsageError, VerifyFailed
+from .flashinfer_aot import trace_gaps, wheel_module_names
 from .inspect import InspectReport, ObjectReport, inspect_path
+from .recipe import recipes_dir
 from .targets import TARGET_NAMES, ComputeCapability, CudaArch, Target, parse_arch_list, resolve_target
 
 PathLike = Union[str, os.PathLike]
@@ -170,6 +173,35 @@ def verify_paths(inputs: Inputs, target: Target, required: Required | None = Non
     return VerifyReport(target, sources, objects, tuple(failures), tuple(required.items()), tuple(accepted))
 
 
+def read_trace(path: Path, target: Target) -> dict:
+    """A recorded FlashInfer trace for ``target``, with the raw recipe it is checked against."""
+    try:
+        trace = json.loads(path.read_text())
+        package, version, traced_for = trace["package"], trace["version"], trace["target"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--trace {path}: not a readable trace ({exc})") from None
+    if traced_for != target.name:
+        raise UsageError(f"--trace {path}: recorded for target {traced_for!r}, not {target.name!r}")
+    recipe_path = recipes_dir() / f"{package}.toml"
+    if not recipe_path.is_file():
+        raise UsageError(f"--trace {path}: no recipe {recipe_path} for its package {package!r}")
+    recipe = tomllib.loads(recipe_path.read_text())
+    if version not in [v.get("version") for v in recipe.get("versions", [])]:
+        raise UsageError(f"--trace {path}: {package} {version} is not a version of {recipe_path.name}")
+    return {**trace, "_recipe": recipe}
+
+
+def with_trace(report: VerifyReport, trace: Mapping) -> VerifyReport:
+    """Add to ``report`` a failure for each traced module the wheel lacks (outside the set's declared
+    coverage excepted), and a note for the modules it holds beyond the trace."""
+    held = wheel_module_names(o.path for o in report.objects)
+    gaps = trace_gaps(trace["_recipe"], trace, held=held)
+    extra = sorted(held - set(trace.get("modules", {})))
+    note = (f"trace {trace['package']} {trace['version']} {trace['target']}: {len(trace.get('modules', {}))} "
+            f"module(s) asked for, {len(gaps)} missing; the wheel holds {len(extra)} more")
+    return replace(report, failures=report.failures + tuple(gaps), jit_accepted=report.jit_accepted + (note,))
+
+
 def verify_wheel(wheel_path: PathLike, target: Target, required: Required | None = None,
                  ptx_ok: Sequence[str] = ()) -> VerifyReport:
     if not str(wheel_path).endswith(".whl"):
@@ -245,6 +277,9 @@ def register(subparsers) -> None:
     v.add_argument("--target", required=True, metavar="T", help=f"one of: {', '.join(TARGET_NAMES)}")
     v.add_argument("--require", action="append", default=[], metavar="GLOB=ARCHS",
                    help="objects matching GLOB must carry these cubins, e.g. '*_C.abi3.so=12.1a'")
+    v.add_argument("--trace", type=Path, metavar="FILE",
+                   help="a recorded FlashInfer trace (recipes/traces/*.json): fail unless the wheel holds "
+                        "every module it asked for, outside the set's declared coverage excepted")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
     v.set_defaults(func=run_verify)
     c = subparsers.add_parser("compat", help="per CUDA object: native, ptx-jit or none on a compute capability")
@@ -257,7 +292,10 @@ def register(subparsers) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)
     required = dict(_required_arg(r) for r in args.require)
+    trace = read_trace(args.trace, target) if args.trace else None   # bad input fails before inspect
     report = verify_paths(args.paths, target, required)
+    if trace is not None:
+        report = with_trace(report, trace)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render_text())
     report.raise_for_failure()
     return 0
