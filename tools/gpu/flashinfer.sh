@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The GPU test machine's FlashInfer run (torch 2.11.0+cu130 preinstalled, no network, no nox): build a
 # kernel set for `hopper` offline from a source bundle that carries upstream's tests too
-# (`blackwheel bundle flashinfer --with-tests`), install it, and run upstream's own tests against it
-# with JIT disabled, recording the trace of every module FlashInfer's dispatcher asked for.
+# (`blackwheel bundle flashinfer --with-tests`), check it against the recorded hopper trace, install it,
+# and run upstream's own tests against it with JIT disabled, recording the trace of every module
+# FlashInfer's dispatcher asked for. The same set for `gb10` compiles beside the tests (CPU only: no 12.x
+# GPU here) and is checked against the gb10 trace with `verify --trace`.
 #   tools/gpu/flashinfer.sh start [SET]   # wheels, then build + install + tests in the background; follow
 #   tools/gpu/flashinfer.sh follow        # follow for up to 9 minutes more
-#   tools/gpu/flashinfer.sh collect       # manifest, counts, trace, logs into $OUT
+#   tools/gpu/flashinfer.sh collect       # manifests, counts, traces, logs (one .tgz) and the hopper
+#                                         # wheel's first 3 parts (16 MiB each) into $OUT
+#   tools/gpu/flashinfer.sh collect-rest  # the wheel's other parts (at most 8 files come back a call)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH BLACKWHEEL_CACHE=/tmp/bw-cache \
@@ -37,32 +41,55 @@ set -x
 start=\$(date +%s)
 python3 -m blackwheel.cli build flashinfer --target hopper --kernels $SET --jobs 16 || { echo RUN-END build failed; exit 1; }
 echo "TEST build done after \$(( \$(date +%s) - start )) s"
+python3 -m blackwheel.cli verify wheelhouse/*/hopper/flashinfer_python-*.whl --target hopper \
+    --trace recipes/traces/flashinfer-0.6.13-hopper.json > $RES/verify-hopper.txt 2>&1; tail -3 $RES/verify-hopper.txt
+# gb10: CPU only, beside the GPU tests
+( python3 -m blackwheel.cli build flashinfer --target gb10 --kernels $SET --jobs 8 > $RES/build-gb10.log 2>&1 &&
+  python3 -m blackwheel.cli verify wheelhouse/*/gb10/flashinfer_python-*.whl --target gb10 \
+      --trace recipes/traces/flashinfer-0.6.13-gb10.json > $RES/verify-gb10.txt 2>&1
+  echo "GB10-END \$? after \$(( \$(date +%s) - start )) s" ) &
+gb10=\$!
 python3 -m pip install -q --no-deps --no-index --target /tmp/fi-site wheelhouse/*/hopper/flashinfer_python-*.whl || { echo RUN-END install failed; exit 1; }
 export PYTHONPATH=/tmp/fi-site:\$PYTHONPATH
-for only in tests/utils/test_norm.py tests/utils/test_activation.py tests/attention/test_page.py \
-            tests/attention/test_rope.py tests/attention/test_shared_prefix_kernels.py \
-            tests/utils/test_sampling.py tests/attention/test_batch_decode_kernels.py \
-            tests/attention/test_batch_prefill_kernels.py; do
-  name=\$(basename \$only .py)
-  xdist=""; case \$name in *kernels) xdist="-n 4" ;; esac   # the long attention files: 4 processes, one GPU
-  echo "TEST \$name starts after \$(( \$(date +%s) - start )) s"
-  timeout 900 python3 -m blackwheel.cli test-upstream flashinfer --kernels $SET --only \$only \
-      --pytest-args "\$xdist" --out $RES/\$name > $RES/\$name.log 2>&1
-  tail -4 $RES/\$name.log
-done
+one() {  # one upstream file: NAME XDIST CAP_S
+  local path
+  case \$1 in sampling|norm|activation) path=tests/utils/test_\$1.py ;; page|rope) path=tests/attention/test_\$1.py ;;
+              shared_prefix) path=tests/attention/test_shared_prefix_kernels.py ;;
+              *) path=tests/attention/test_\$1_kernels.py ;; esac
+  echo "TEST \$1 starts after \$(( \$(date +%s) - start )) s"
+  # a work folder per file: test-upstream keeps its junit/trace files there, and the lanes run at once
+  BLACKWHEEL_WORKDIR=/tmp/bw-work/\$1 timeout \$3 python3 -m blackwheel.cli test-upstream flashinfer --kernels $SET --only \$path \
+      --pytest-args "-p no:cacheprovider \$2" --out $RES/\$1 > $RES/\$1.log 2>&1
+  echo "TEST \$1 exit \$? after \$(( \$(date +%s) - start )) s"; tail -3 $RES/\$1.log
+}
+# prefill alone and serial (under xdist beside another file it made no progress once); then the rest
+# in three lanes on the one GPU
+one prefill "" 300
+( one rope "-n 6" 420 ) & l1=\$!
+( one shared_prefix "-n 2" 240; one page "" 60; one norm "" 90 ) & l2=\$!
+( one sampling "-n 2" 360; one activation "" 120 ) & l3=\$!
+wait \$l1 \$l2 \$l3
+echo "TEST all files done after \$(( \$(date +%s) - start )) s"
+wait \$gb10
 echo "RUN-END after \$(( \$(date +%s) - start )) s"
 SH
   chmod +x /tmp/fi-run.sh
   setsid nohup /tmp/fi-run.sh > $LOG 2>&1 < /dev/null &
-  follow 500 ;;
+  follow ${FOLLOW_S:-520} ;;
 follow)
-  follow 540 ;;
+  follow ${FOLLOW_S:-540} ;;
 collect)
-  mkdir -p "$OUT"
-  cp $LOG "$OUT/" 2>/dev/null
-  cp wheelhouse/*/hopper/*.manifest.json "$OUT/" 2>/dev/null
-  tar czf "$OUT/fi-res.tgz" -C $RES . 2>/dev/null
-  ls -la "$OUT" ;;
+  mkdir -p "$OUT" /tmp/fi-coll
+  cp $LOG /tmp/fi-coll/ 2>/dev/null
+  cp wheelhouse/*/*/*.manifest.json /tmp/fi-coll/ 2>/dev/null
+  cp -r $RES /tmp/fi-coll/res
+  tar czf "$OUT/fi-res.tgz" -C /tmp/fi-coll .
+  whl=$(ls wheelhouse/*/hopper/flashinfer_python-*.whl) && sha256sum "$whl" | tee "$OUT/wheel.sha256"
+  rm -rf /tmp/fi-parts && mkdir /tmp/fi-parts && split -b 16000000 -d -a 2 "$whl" /tmp/fi-parts/$(basename "$whl").part-
+  cp /tmp/fi-parts/*.part-0[0-2] "$OUT/" 2>/dev/null
+  ls -la "$OUT" /tmp/fi-parts ;;
+collect-rest)
+  mkdir -p "$OUT"; cp /tmp/fi-parts/*.part-0[3-9] "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 *)
-  echo "usage: $0 start [SET] | follow | collect" >&2; exit 2 ;;
+  echo "usage: $0 start [SET] | follow | collect | collect-rest" >&2; exit 2 ;;
 esac
