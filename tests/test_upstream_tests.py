@@ -149,3 +149,60 @@ def test_coverage_excludes_test_functions_by_name(upstream, tmp_path):
     # the failing and the missing-module test are named out; the parametrized ones as before
     assert counts == {"passed": 3, "failed": 0, "skipped": 1, "skipped_missing_module": 0, "deselected": 6}
     assert result["pytest_exit"] == 0
+
+
+def test_plain_skips_keep_their_reasons(upstream, tmp_path):
+    recipe, fetcher = upstream
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    assert result["skip_reasons"] == {"tests/attention/test_decode_kernels.py": {"needs sm_100+": 1}}
+    assert "skipped in tests/attention/test_decode_kernels.py: 1 x needs sm_100+" in report_text(result)
+
+
+DEADLINE_TEST = '''
+import os
+
+def test_runs_first():
+    os.environ["BLACKWHEEL_TEST_DEADLINE"] = "0"    # as if the deadline passed during this test
+
+def test_not_started_in_time():
+    raise AssertionError("ran after the deadline")
+
+def test_nor_this():
+    raise AssertionError("ran after the deadline")
+'''
+
+
+def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tmp_path):
+    recipe, fetcher = upstream
+    sdist = tmp_path / "src" / "pkg-1.0"
+    (sdist / "tests" / "attention" / "test_decode_kernels.py").write_text(DEADLINE_TEST)
+    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    path = Path(recipe.path)
+    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive)))
+    result = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
+                                offline=True), tmp_path / "work", deadline_s=3600)
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    assert counts == {"passed": 1, "failed": 0, "skipped": 0, "skipped_missing_module": 0, "not_run_deadline": 2}
+    assert result["partial"] == "2 test(s) not run: the 3600 s deadline passed"
+    assert "PARTIAL: 2 test(s) not run" in report_text(result)
+
+
+def test_two_runs_at_once_in_one_work_folder_keep_their_own_files(upstream, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    recipe, fetcher = upstream
+    work = tmp_path / "work"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_upstream_tests, recipe, "1.0", fetcher, work, kernel_set=ks)
+                for ks in ("small", None)]
+        small, whole = (r.result() for r in runs)
+    assert small["files"]["tests/attention/test_decode_kernels.py"]["deselected"] == 4
+    assert whole["files"]["tests/attention/test_decode_kernels.py"]["passed"] == 5
+    assert not list(work.glob("run-*"))     # each run's folder goes when it ends
+
+
+def test_a_deadline_of_zero_is_refused_in_one_line(capsys):
+    from blackwheel import cli
+    assert cli.main(["test-upstream", "pkg", "--deadline-s", "0"]) == 2
+    assert capsys.readouterr().err == "blackwheel: --deadline-s 0: give a number of seconds above 0\n"

@@ -19,6 +19,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .fsutil import atomic_write_json
 from .recipe import PROJECT_ROOT, Recipe, load_recipe, load_stack
 from .sources import Fetcher, safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
+from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -60,6 +63,7 @@ def parse_junit(path: Path) -> dict:
     """``{"files": {file: counts}, "missing_modules": [...]}`` from pytest's JUnit XML."""
     files: dict[str, dict[str, int]] = {}
     missing: set[str] = set()
+    reasons: dict[str, dict[str, int]] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = (case.get("file") or case.get("classname", "").replace(".", "/") + ".py")
         name = name[name.find("tests/"):] if "tests/" in name else name   # as the recipe names it
@@ -68,23 +72,39 @@ def parse_junit(path: Path) -> dict:
         if case.find("failure") is not None or case.find("error") is not None:
             counts["failed"] += 1
         elif skipped is not None:
-            m = MISSING_MODULE.search(f"{skipped.get('message', '')} {skipped.text or ''}")
+            message = skipped.get("message", "")
+            m = MISSING_MODULE.search(f"{message} {skipped.text or ''}")
             if m:
                 counts["skipped_missing_module"] += 1
                 missing.add(m.group(1))
+            elif DEADLINE_REASON in message:
+                counts["not_run_deadline"] = counts.get("not_run_deadline", 0) + 1
             else:
                 counts["skipped"] += 1
+                reason = _skip_reason(message)
+                per_file = reasons.setdefault(name, {})
+                per_file[reason] = per_file.get(reason, 0) + 1
         else:
             counts["passed"] += 1
-    return {"files": files, "missing_modules": sorted(missing)}
+    return {"files": files, "missing_modules": sorted(missing), "skip_reasons": reasons}
+
+
+def _skip_reason(message: str) -> str:
+    """A skip message as one short line (pytest prefixes the location: ``file.py:12: why``)."""
+    text = " ".join(message.split())
+    text = re.sub(r"^\S+\.py:\d+: ", "", text)
+    return text[:160] or "(no reason given)"
 
 
 def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python: str = sys.executable,
                        kernel_set: str | None = None, pytest_args: list[str] = (),
-                       only: list[str] = ()) -> dict:
+                       only: list[str] = (), deadline_s: float | None = None) -> dict:
     """Fetch the pinned tests, run them in ``python`` against what is installed, return the counts.
 
-    ``only``: globs that keep some of the recipe's test files (a shorter run)."""
+    ``only``: globs that keep some of the recipe's test files (a shorter run). ``deadline_s``: tests
+    not started that many seconds after pytest starts are skipped and counted as not run, so a run
+    with a time limit ends with its counts (``upstream_deadline``). Each run lays out and writes in a
+    folder of its own under ``work``, so runs at once do not mix their files."""
     rv = recipe.version(version)
     if rv.tests is None:
         raise UsageError(f"recipe {recipe.name} {version} names no upstream tests ([versions.tests])")
@@ -95,17 +115,26 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
         tree = safe_extract(fetcher.fetch(rv.sdist), work / "sdist")
     else:
         tree = fetcher.fetch(rv.tests.source)
-    where = lay_out_tests(tree, work / "run")
-    junit, deselected_json, trace_json = work / "junit.xml", work / "deselected.json", work / "trace.json"
-    for stale in (junit, deselected_json, *work.glob(trace_json.name + "*")):
-        stale.unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    try:
+        return _run_laid_out(recipe, rv, version, tree, run, python, kernel_set, pytest_args, paths, deadline_s)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pytest_args, paths,
+                  deadline_s) -> dict:
+    where = lay_out_tests(tree, run)
+    junit, deselected_json, trace_json = run / "junit.xml", run / "deselected.json", run / "trace.json"
     coverage = coverage_of(recipe, kernel_set)
     env = {**os.environ, **rv.tests.env, COVERAGE_ENV: json.dumps(coverage), REPORT_ENV: str(deselected_json),
            TRACE_OUT_ENV: str(trace_json), **({TRACE_ENV: rv.tests.trace} if rv.tests.trace else {}),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+           "PYTHONDONTWRITEBYTECODE": "1",
+           **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
     cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.upstream_coverage", "-p", "blackwheel.upstream_trace",
-           "-p", "no:cacheprovider", f"--junitxml={junit}", "-q", *pytest_args]
+           "-p", "blackwheel.upstream_deadline", "-p", "no:cacheprovider", f"--junitxml={junit}", "-q", *pytest_args]
     proc = subprocess.run(cmd, cwd=where, env=env)
     if not junit.is_file():
         raise UsageError(f"upstream tests of {recipe.name} did not run (pytest exit {proc.returncode}); "
@@ -117,8 +146,10 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
                                           "skipped_missing_module": 0})["deselected"] = n
     trace = merge(trace_json)
     source = rv.tests.source.label if rv.tests.source else rv.sdist.label
+    not_run = sum(c.get("not_run_deadline", 0) for c in result["files"].values())
     return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
             "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
+            **({"partial": f"{not_run} test(s) not run: the {deadline_s:g} s deadline passed"} if not_run else {}),
             "first_result_s": trace.get("first_result_s", {}),
             **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {})}
 
@@ -132,6 +163,11 @@ def report_text(result: dict) -> str:
     lines += [f"| {' | '.join(r)} |" for r in [*rows, totals]]
     if result["missing_modules"]:
         lines.append("missing modules: " + ", ".join(result["missing_modules"]))
+    if result.get("partial"):
+        lines.append("PARTIAL: " + result["partial"])
+    for name, reasons in sorted(result.get("skip_reasons", {}).items()):
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"skipped in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
     return "\n".join(lines)
 
 
@@ -147,12 +183,17 @@ def register(sub) -> None:
     p.add_argument("--offline", action="store_true", default=None)
     p.add_argument("--mirror", help="mirror folder or source bundle")
     p.add_argument("--only", nargs="+", default=[], metavar="GLOB", help="keep only these of the recipe's test files")
+    p.add_argument("--deadline-s", type=float, metavar="S",
+                   help="skip (and count as not run) the tests not started S seconds after pytest starts, "
+                        "so a run with a time limit still ends with its counts")
     p.add_argument("--pytest-args", default="", metavar="ARGS",
                    help="passed to pytest, one string (e.g. --pytest-args='-x -k norm')")
     p.set_defaults(func=_cmd_test_upstream)
 
 
 def _cmd_test_upstream(args) -> int:
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        raise UsageError(f"--deadline-s {args.deadline_s:g}: give a number of seconds above 0")
     stack = load_stack(args.stack)
     recipe = load_recipe(args.package)
     if recipe.name not in stack.pins:
@@ -160,7 +201,8 @@ def _cmd_test_upstream(args) -> int:
     kernel_set = args.kernel_set or ("default" if "kernel-sets" in recipe.extra else None)
     work = Path(os.environ.get("BLACKWHEEL_WORKDIR", PROJECT_ROOT / "build")) / "upstream-tests" / recipe.name
     result = run_upstream_tests(recipe, stack.pins[recipe.name], Fetcher.from_env(args.offline, args.mirror),
-                                work, args.python, kernel_set, shlex.split(args.pytest_args), args.only)
+                                work, args.python, kernel_set, shlex.split(args.pytest_args), args.only,
+                                args.deadline_s)
     text = report_text(result)
     print(text)
     if args.out:
