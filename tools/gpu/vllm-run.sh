@@ -1,51 +1,92 @@
 #!/usr/bin/env bash
-# The GPU test machine's vLLM *run* (no network, no nox): our vLLM wheel for `hopper` (built elsewhere
-# and carried in parts, a call carries at most 64 MiB), vLLM's runtime wheels (tools/gpu/vllm-deps.sh),
-# and the FlashInfer `default` set built here from the source bundle; then vLLM's own tests/kernels and
-# the tiny-model end-to-end test with both attention backends. Results go to $OUT.
-#   tools/gpu/vllm-run.sh stage DIR     # keep the parts carried in DIR (*.part-NN) in /tmp/stage
-#   tools/gpu/vllm-run.sh flashinfer    # FlashInfer `default` for hopper from .bundle-fi/, in the background
-#   tools/gpu/vllm-run.sh install       # join the parts, install vllm, its runtime wheels and FlashInfer
-#   tools/gpu/vllm-run.sh kernels       # vLLM's tests/kernels from the sdist (test-upstream vllm)
-#   tools/gpu/vllm-run.sh e2e           # tests/gpu/test_vllm_e2e.py: FlashInfer and FlashAttention backends
+# The GPU test machine's vLLM run (no network, no nox). Everything travels through tools/gpu/carry.sh:
+# our vLLM wheel for `hopper` (built elsewhere), our FlashInfer `default` wheel for hopper (built on
+# this machine before and brought back), vLLM's runtime wheels (tools/gpu/vllm-deps.sh), FlashInfer's
+# (.whl/), the vLLM sdist, whose tests/kernels are vLLM's own kernel tests, and the FlashInfer
+# bundle that carries FlashInfer's own tests.
+#   here:  tools/gpu/vllm-run.sh pack              # .carry/NN folders: one per call
+#   there: tools/gpu/carry.sh stage .carry/NN      # in each call, back to back
+#          tools/gpu/vllm-run.sh start             # unpack, install, then tests in the background
+#          tools/gpu/vllm-run.sh follow            # follow for up to 9 minutes more
+#          tools/gpu/vllm-run.sh collect           # counts, e2e JSON, logs into $OUT (one .tgz)
+# The run, in three lanes on the one GPU, each file with a deadline (test-upstream --deadline-s), so
+# a file that runs long still ends with its counts:
+#   A: tests/gpu/test_vllm_e2e.py (FlashInfer and FlashAttention backends), then FlashInfer's own
+#      attention tests left from the kernel-set run;
+#   B: vLLM's tests/kernels/core (layernorm, activation, rotary embedding, positional encoding);
+#   C: vLLM's cache tests, then its FlashAttention and FlashInfer attention tests.
 set -u
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=/tmp/vsite:/tmp/site:$PWD/src PATH=/tmp/vsite/bin:/tmp/site/bin:$PATH \
-       BLACKWHEEL_CACHE=/tmp/bw-cache BLACKWHEEL_WHEELHOUSE=/tmp/wheelhouse BLACKWHEEL_OFFLINE=1 \
-       BLACKWHEEL_WORKDIR=/tmp/bw-work PYTHONUNBUFFERED=1
+UNP=/tmp/unp
+export PYTHONPATH=/tmp/vsite:$PWD/src PATH=/tmp/vsite/bin:$PATH BLACKWHEEL_CACHE=/tmp/bw-cache \
+       BLACKWHEEL_OFFLINE=1 BLACKWHEEL_WORKDIR=/tmp/bw-work PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}
-FI_LOG=/tmp/fi-build.log
+LOG=/tmp/vllm-run.log
+RES=/tmp/vllm-res
+
+follow() {  # progress lines until the run ends or $1 seconds pass
+  local until=$((SECONDS + $1))
+  while [ $SECONDS -lt $until ]; do
+    if grep -q "^RUN-END" $LOG 2>/dev/null; then grep -E "^(LANE|RUN-END)" $LOG | tail -30; return 0; fi
+    sleep 20
+  done
+  grep -E "^LANE" $LOG | tail -8; return 1
+}
 
 case "${1:-}" in
-stage)
-  mkdir -p /tmp/stage && cp -v "${2:?folder of carried parts}"/* /tmp/stage/ && ls -la /tmp/stage ;;
-flashinfer)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 5
-  cp .bundle-fi/fi.bwb /tmp/fi.bwb
-  BLACKWHEEL_MIRROR=/tmp/fi.bwb setsid nohup python3 -m blackwheel.cli build flashinfer --target hopper \
-      --kernels default --jobs 16 > $FI_LOG 2>&1 < /dev/null &
-  sleep 5; tail -3 $FI_LOG ;;
-install)
-  # parts: NAME.whl.part-00, -01, ...: joined in order; the wheel's own RECORD is checked by pip
-  for first in /tmp/stage/*.part-00; do
-    whl=/tmp/stage/$(basename "$first" .part-00)
-    cat "${whl}".part-* > "$whl" && sha256sum "$whl"
+pack)   # here: the vLLM and FlashInfer wheels from the wheelhouse, or as named in VLLM_WHL / FI_WHL
+  vllm=${VLLM_WHL:-$(ls wheelhouse/*/hopper/vllm-*.whl | head -1)}
+  fi=${FI_WHL:-$(ls wheelhouse/*/hopper/flashinfer_python-*.whl | head -1)}
+  [ -f "$vllm" ] && [ -f "$fi" ] || { echo "vllm-run: no vllm ($vllm) or flashinfer ($fi) wheel" >&2; exit 2; }
+  bash tools/gpu/carry.sh pack "$vllm" "$fi" .whl/*.whl .whl-vllm/*.whl .whl-vllm2/*.whl \
+      .vllm-src/pypi/vllm-*.tar.gz .bundle-fi/fi.bwb ;;
+start)
+  bash tools/gpu/carry.sh unpack $UNP > /tmp/unpack.log 2>&1 || { tail -5 /tmp/unpack.log; exit 5; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite $UNP/*.whl || exit 6
+  mkdir -p /tmp/vmirror/pypi $RES && ln -sf $UNP/vllm-*.tar.gz /tmp/vmirror/pypi/
+  nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
+  python3 -c "import vllm, flashinfer, torch; print('vllm', vllm.__version__, 'flashinfer', flashinfer.__version__, 'torch', torch.__version__)" || exit 7
+  cat > /tmp/vllm-lanes.sh <<'SH'
+#!/bin/bash
+RES=/tmp/vllm-res; start=$(date +%s)
+export FLASHINFER_DISABLE_JIT=1   # vLLM's FlashInfer tests too: a module our wheel lacks fails, naming it
+say() { echo "LANE $* after $(( $(date +%s) - start )) s"; }
+vtests() {  # NAME DEADLINE_S FILE...: vLLM's own tests from the sdist, a work folder per lane
+  local name=$1 cap=$2; shift 2
+  say "vllm $name starts"
+  BLACKWHEEL_WORKDIR=/tmp/bw-work/$name timeout $((cap + 120)) python3 -m blackwheel.cli test-upstream vllm \
+      --mirror /tmp/vmirror --only "$@" --deadline-s $cap --out $RES/vllm-$name > $RES/vllm-$name.log 2>&1
+  say "vllm $name exit $?"; grep -E "^\| total|PARTIAL" $RES/vllm-$name.log
+}
+lane_a() {
+  say "e2e starts"
+  BLACKWHEEL_GPU_RESULTS=$RES/e2e BLACKWHEEL_VLLM_E2E_EAGER=${EAGER:-0} timeout 900 python3 -m pytest \
+      tests/gpu/test_vllm_e2e.py -q -p no:cacheprovider --junitxml=$RES/e2e.xml > $RES/e2e.log 2>&1
+  say "e2e exit $?"; tail -3 $RES/e2e.log
+  for f in batch_prefill:300 shared_prefix:180; do
+    BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-${f%:*} timeout $(( ${f#*:} + 120 )) python3 -m blackwheel.cli \
+        test-upstream flashinfer --mirror /tmp/fi-tests --only "tests/attention/test_${f%:*}_kernels.py" \
+        --deadline-s ${f#*:} --out $RES/fi-${f%:*} > $RES/fi-${f%:*}.log 2>&1
+    say "flashinfer ${f%:*} exit $?"
   done
-  bash tools/gpu/vllm-deps.sh || exit 6
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite /tmp/stage/vllm-*.whl || exit 7
-  until grep -qE "^(built |reused |blackwheel: )" $FI_LOG 2>/dev/null; do sleep 10; done; tail -2 $FI_LOG
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite \
-      /tmp/wheelhouse/*/hopper/flashinfer_python-*.whl || exit 8
-  python3 -c "import vllm, flashinfer; print('vllm', vllm.__version__, 'flashinfer', flashinfer.__version__)" ;;
-kernels)
-  mkdir -p "$OUT"
-  # the sdist (tests/kernels) from a mirror folder carried as .vllm-src/pypi/vllm-<version>.tar.gz
-  python3 -m blackwheel.cli test-upstream vllm --mirror "${2:-$PWD/.vllm-src}" \
-      --pytest-args "${3:--q}" --out "$OUT" 2>&1 | tail -30 ;;
-e2e)
-  mkdir -p "$OUT"
-  BLACKWHEEL_GPU_RESULTS="$OUT" BLACKWHEEL_VLLM_E2E_EAGER="${EAGER:-0}" python3 -m pytest tests/gpu/test_vllm_e2e.py \
-      -q -p no:cacheprovider --junitxml="$OUT/vllm-e2e.xml" 2>&1 | tail -30 ;;
+}
+lane_b() { vtests core 420 "tests/kernels/core/*"; }
+lane_c() { vtests cache 240 "tests/kernels/*cache*.py" "tests/kernels/attention/test_cache.py"
+           vtests flash_attn 300 tests/kernels/attention/test_flash_attn.py
+           vtests flashinfer 300 tests/kernels/attention/test_flashinfer.py; }
+lane_a & a=$!; lane_b & b=$!; lane_c & c=$!
+wait $a $b $c
+echo "RUN-END after $(( $(date +%s) - start )) s"
+SH
+  chmod +x /tmp/vllm-lanes.sh
+  cp $UNP/fi.bwb /tmp/fi-tests      # the bundle that carries FlashInfer's own tests
+  setsid nohup /tmp/vllm-lanes.sh > $LOG 2>&1 < /dev/null &
+  follow ${FOLLOW_S:-400} ;;
+follow)
+  follow ${FOLLOW_S:-540} ;;
+collect)
+  mkdir -p "$OUT"; cp $LOG $RES/ 2>/dev/null
+  tar czf "$OUT/vllm-res.tgz" -C /tmp vllm-res && ls -la "$OUT" ;;
 *)
-  echo "usage: $0 stage DIR | flashinfer | install | kernels [MIRROR] | e2e" >&2; exit 2 ;;
+  echo "usage: $0 pack | start | follow | collect" >&2; exit 2 ;;
 esac
