@@ -11,7 +11,9 @@ Fast tests (well under a second); the one real configure is marked slow (about 9
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,30 @@ def test_a_configure_log_read_through_pip_is_read_the_same():
     text = (FIXTURES / "0.25.1-patched-gb10.log").read_text()
     indented = "\n".join("  " + line for line in text.splitlines())
     assert parse_configure(indented).rows() == parse_configure(text).rows() != []
+
+
+NVRTC_USER = "const char* nvrtcGetErrorString(int);\nint main(void) { return nvrtcGetErrorString(0) == 0; }\n"
+
+
+def test_a_slim_toolkit_links_lnvrtc_from_the_torch_wheel(tmp_path):
+    """vLLM's DeepGEMM step links with a bare -lnvrtc, outside CMake: on a toolkit without libnvrtc
+    the build environment's LIBRARY_PATH must find the torch wheel's copy."""
+    import shutil
+    import subprocess
+    from blackwheel.vllm_plan import _torch_nvidia_lib, toolkit_link_env
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or _torch_nvidia_lib(sys.executable, "libnvrtc.so.13") is None:
+        pytest.skip("needs a C compiler and torch's nvidia wheels (libnvrtc.so.13)")
+    slim = tmp_path / "cuda"                     # a toolkit with no lib64 at all
+    (tmp_path / "t.c").write_text(NVRTC_USER)
+    cmd = [cc, str(tmp_path / "t.c"), "-lnvrtc", "-o", str(tmp_path / "t")]
+    env = {"PATH": os.environ["PATH"]}
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode != 0   # without: cannot find -lnvrtc
+    link_env = toolkit_link_env(slim, sys.executable, tmp_path / "stubs", {"LIBRARY_PATH": "/nowhere"})
+    assert link_env["LIBRARY_PATH"].split(os.pathsep) == [str((tmp_path / "stubs").resolve()), "/nowhere"]
+    linked = subprocess.run(cmd, env={**env, **link_env}, capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr
+    # a toolkit that has its own libnvrtc needs nothing
+    (slim / "lib64").mkdir(parents=True)
+    (slim / "lib64" / "libnvrtc.so").write_text("")
+    assert toolkit_link_env(slim, sys.executable, tmp_path / "stubs2", {}) == {}

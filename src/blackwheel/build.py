@@ -37,7 +37,7 @@ from .recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, parse
                      requirement_lines, stack_disagreements)
 from .sources import Fetcher, safe_extract
 from .targets import DEFAULT_TARGET, Target, resolve_target
-from .vllm_plan import parse_configure, plan_only_cmake_args, toolkit_library_hints
+from .vllm_plan import parse_configure, plan_only_cmake_args, toolkit_library_hints, toolkit_link_env
 from .wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
@@ -240,6 +240,7 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
         hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python, req.workdir / "stubs",
                                       env.get("CXX", "c++"))
         env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
+        env.update(toolkit_link_env(Path(toolchain.cuda_home), req.python, req.workdir / "stubs", env))
     env.update(prepared.resource_env)
     env.update(req.variant_env())
     env.update(req.extra_env)

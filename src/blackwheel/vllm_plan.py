@@ -139,6 +139,26 @@ def toolkit_library_hints(cuda_home: Path, python: str, stub_dir: Path, cxx: str
     return hints
 
 
+def toolkit_link_env(cuda_home: Path, python: str, link_dir: Path, base: dict[str, str]) -> dict[str, str]:
+    """``LIBRARY_PATH`` for builds that link by ``-lnvrtc`` outside CMake (vLLM's DeepGEMM step,
+    tools/build_deepgemm_C.py): on a slim toolkit without libnvrtc, an unversioned ``libnvrtc.so``
+    link in ``link_dir`` to the torch wheel's ``libnvrtc.so.13``. Empty when the toolkit has it."""
+    if _found_lib("libnvrtc.so", cuda_home):
+        return {}
+    wheel_lib = _torch_nvidia_lib(python, "libnvrtc.so.13")
+    if not wheel_lib:
+        return {}
+    link = Path(link_dir) / "libnvrtc.so"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists() or link.resolve() != Path(wheel_lib).resolve():
+        tmp = link.with_name(f".libnvrtc.so.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(wheel_lib)
+        os.replace(tmp, link)
+    paths = [str(link.parent.resolve()), *(p for p in base.get("LIBRARY_PATH", "").split(os.pathsep) if p)]
+    return {"LIBRARY_PATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 def _found_lib(name: str, cuda_home: Path) -> bool:
     dirs = [cuda_home / "lib64", cuda_home / "lib64" / "stubs", Path("/usr/lib") / _multiarch(),
             Path("/usr/lib64")]
