@@ -285,7 +285,7 @@ def test_the_project_loader_reads_the_recipe_and_hands_this_builder_its_data() -
     recipe = load_recipe("flashinfer")
     assert (recipe.name, recipe.dist_name, recipe.builder) == ("flashinfer", "flashinfer-python", "flashinfer-aot")
     assert [v.version for v in recipe.versions] == VERSIONS
-    assert fa.recipe_data(recipe)["kernel-sets"].keys() == RECIPE["kernel-sets"].keys()
+    assert recipe.data["kernel-sets"].keys() == RECIPE["kernel-sets"].keys()
     # the knob build.py sets for a target is the list this builder compiles for
     assert recipe.arch.value_for(TARGETS["blackwell"]) == "12.0f 12.1a"
 

@@ -20,7 +20,8 @@ from packaging.version import Version
 
 from blackwheel.core.errors import ToolchainError, VerifyFailed
 from blackwheel.core.targets import TARGETS, CudaArch, parse_arch_list
-from blackwheel.builders.vllm import (ConfigureSpec, configure_command, gcc_version, lacking_native,
+from blackwheel.toolchain.machine import gcc_version
+from blackwheel.builders.vllm import (ConfigureSpec, configure_command, lacking_native,
                                   parse_build_ninja, parse_configure, require_gcc, require_native)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "vllm_plan"

@@ -181,7 +181,8 @@ def manifest_for(wheel: Path, stack: str, target: str) -> dict:
 def check_wheelhouse(root: Path) -> tuple[list[str], list[str]]:
     """(problems, leftovers): every visible wheel has a manifest describing its bytes; orphan
     manifests and dot temporaries are leftovers (no reader lists them)."""
-    from blackwheel.release.provenance import MANIFEST_SUFFIX, checked_manifest
+    from blackwheel.release.manifest import SUFFIX as MANIFEST_SUFFIX
+    from blackwheel.release.manifest import checked_manifest
     from blackwheel.core.errors import PublishError
 
     problems, leftovers = [], []

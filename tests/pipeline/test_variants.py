@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from blackwheel.pipeline.build import BuildRequest, _variant_choices, build_inputs, build_key
+from blackwheel.builders import BuildRequest
+from blackwheel.cli.build import variant_choices as _variant_choices
+from blackwheel.pipeline.build import build_inputs, build_key
 from blackwheel.core.errors import RecipeError, UsageError
 from blackwheel.core.recipe import load_recipe, load_stack, parse_variant_choices
 from blackwheel.core.targets import resolve_target

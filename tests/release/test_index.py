@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from blackwheel.cli import release as cli_release
 from blackwheel.release import index
 from blackwheel.core.errors import PublishError
 from blackwheel.release.index import build_static_index, same_tree
@@ -155,7 +156,7 @@ def test_same_tree_compares_bytes(tmp_path):
 def test_cli_publish_writes_the_static_index(built, tmp_path, capsys):
     h.place(built[0], tmp_path / "wh")
     parser = argparse.ArgumentParser()
-    index.register(parser.add_subparsers())
+    cli_release.register(parser.add_subparsers())
     args = parser.parse_args(["publish", "--wheelhouse", str(tmp_path / "wh")])
     assert args.func(args) == 0
     out = capsys.readouterr().out

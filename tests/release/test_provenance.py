@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from blackwheel.cli import release as cli_release
 from blackwheel.release import index
 from blackwheel.core.errors import PublishError
-from blackwheel.release.provenance import cyclonedx_sbom, load_manifest, provenance, sbom_bytes, source_purl
+from blackwheel.release.manifest import load_manifest
+from blackwheel.release.provenance import cyclonedx_sbom, provenance, sbom_bytes, source_purl
 
 
 from tests import indexserver as h  # noqa: E402  (a real pypiserver on 127.0.0.1)
@@ -97,7 +99,7 @@ def test_wheel_with_other_bytes_than_its_manifest_is_an_error(wheel, tmp_path):
 
 def test_cli_provenance(wheel, capsys):
     parser = argparse.ArgumentParser()
-    index.register(parser.add_subparsers())
+    cli_release.register(parser.add_subparsers())
     args = parser.parse_args(["provenance", str(wheel)])
     assert args.func(args) == 0
     assert "verify: PASSED" in capsys.readouterr().out

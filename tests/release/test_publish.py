@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from blackwheel.cli import release as cli_release
 from blackwheel.release import index
 from blackwheel.core.errors import PublishError
 from blackwheel.release.publish import check_url, publish, simple_url_for, smoke_install
@@ -175,7 +176,7 @@ def test_cli_publish_to_a_server_refreshes_the_static_index(server, tmp_path, mo
     monkeypatch.setenv("TWINE_USERNAME", USER)
     monkeypatch.setenv("TWINE_PASSWORD", PASSWORD)
     parser = argparse.ArgumentParser()
-    index.register(parser.add_subparsers())
+    cli_release.register(parser.add_subparsers())
     args = parser.parse_args(["publish", "--wheelhouse", str(wh), "--to", server.url])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
@@ -186,7 +187,7 @@ def test_cli_publish_to_a_server_refreshes_the_static_index(server, tmp_path, mo
 
 def test_cli_refuses_a_bad_url_before_any_work(tmp_path):
     parser = argparse.ArgumentParser()
-    index.register(parser.add_subparsers())
+    cli_release.register(parser.add_subparsers())
     args = parser.parse_args(["publish", "--wheelhouse", str(tmp_path / "absent"), "--to", "localhost:8080"])
     with pytest.raises(PublishError, match="needs a scheme"):
         args.func(args)

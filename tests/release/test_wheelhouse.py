@@ -17,7 +17,9 @@ import pytest
 from blackwheel.release import wheelhouse
 from blackwheel.core.errors import BuildFailed
 from blackwheel.core.fsutil import sha256_file
-from blackwheel.release.wheelhouse import (find_reusable, local_version, place, read_manifest, retag_wheel, wheels)
+from blackwheel.release import manifest as manifest_file
+from blackwheel.release.manifest import read_manifest
+from blackwheel.release.wheelhouse import find_reusable, local_version, place, retag_wheel, wheels
 
 TAGS = "py3-none-any"  # installable by pip on any machine
 
@@ -144,7 +146,7 @@ def test_place_writes_wheel_and_manifest(tmp_path):
     assert final.read_bytes() == wheel.read_bytes()
     m = read_manifest(final)
     assert m["wheel"] == wheel.name and m["wheel_sha256"] == sha256_file(wheel)
-    assert m["wheel_size"] == wheel.stat().st_size and m["schema"] == wheelhouse.MANIFEST_SCHEMA
+    assert m["wheel_size"] == wheel.stat().st_size and m["schema"] == manifest_file.SCHEMA
     assert sorted(p.name for p in final.parent.iterdir()) == [wheel.name, wheel.name + ".manifest.json"]
     assert wheels(root) == [final] and wheels(root, "s", "gb10") == [final] and wheels(root, "t") == []
 
@@ -156,7 +158,7 @@ def test_failure_midway_leaves_nothing_visible(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(wheelhouse, "atomic_write_json", boom)
+    monkeypatch.setattr(manifest_file, "atomic_write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         place(wheel, {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
     assert [p for p in (root / "s" / "gb10").iterdir()] == []

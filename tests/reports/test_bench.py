@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from blackwheel import cli
 from blackwheel.reports import bench
 from blackwheel.core.errors import UsageError
 
@@ -139,7 +140,7 @@ def test_first_launch_retries_with_jit_only_when_native_fails(monkeypatch):
 
 
 def test_unknown_package_is_refused_before_work(tmp_path, capsys):
-    assert bench.main(["--out", str(tmp_path), "--packages", "nope"]) == UsageError.exit_code
+    assert cli.main(["bench", "--out", str(tmp_path), "--packages", "nope"]) == UsageError.exit_code
     assert "no benchmark for nope" in capsys.readouterr().err
     assert not (tmp_path / bench.RESULTS_NAME).exists()
 
@@ -160,7 +161,7 @@ def _standin_flash_attn(torch):
 def test_tiny_cpu_run_writes_a_valid_document(tmp_path, monkeypatch):
     import torch   # the test session always has it: a missing torch must fail, not skip
     monkeypatch.setitem(sys.modules, "flash_attn", _standin_flash_attn(torch))
-    rc = bench.main(["--out", str(tmp_path), "--device", "cpu", "--skip-first-launch"])
+    rc = cli.main(["bench", "--out", str(tmp_path), "--device", "cpu", "--skip-first-launch"])
     doc = bench.validate_results(json.loads((tmp_path / bench.RESULTS_NAME).read_text()))
     assert rc == 0, doc["errors"] + [r["error"] for r in doc["results"]]
     assert set(doc["ceilings"]) == {"gbps", "tflops"}
@@ -208,7 +209,7 @@ def test_flashinfer_work_per_case():
 
 
 def test_flashinfer_refused_on_cpu(tmp_path, capsys):
-    assert bench.main(["--out", str(tmp_path), "--packages", "flashinfer", "--device", "cpu"]) == UsageError.exit_code
+    assert cli.main(["bench", "--out", str(tmp_path), "--packages", "flashinfer", "--device", "cpu"]) == UsageError.exit_code
     err = capsys.readouterr().err
     assert err.strip() == "blackwheel bench: flashinfer runs only on a CUDA GPU, not on --device cpu"
     assert not (tmp_path / bench.RESULTS_NAME).exists()

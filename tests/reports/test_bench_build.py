@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from blackwheel import cli
 from blackwheel.reports import bench_build
 from blackwheel.reports.bench_build import cpu_sets, pick_units, render, touch_unit
 from blackwheel.core.errors import UsageError
@@ -60,7 +61,7 @@ def test_render_states_ratios_limit_and_profile():
 
 
 def test_together_needs_cores(capsys):
-    assert bench_build.main(["flash-attn", "--together"]) == 2
+    assert cli.main(["bench-build", "flash-attn", "--together"]) == 2
     assert "--together needs --cores" in capsys.readouterr().err
 
 
@@ -74,7 +75,7 @@ def test_side_by_side_for_real(bw_env, monkeypatch, tmp_path):
                        "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, str(value))
     out = tmp_path / "out"
-    assert bench_build.main([cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
+    assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
                              "--together", "--touch", "--out", str(out)]) == 0
     result = json.loads((out / f"bench-build-{cuda_ext.NAME}-hopper.json").read_text())
     runs = result["runs"]

@@ -17,8 +17,9 @@ import pytest
 from blackwheel import cli
 
 from blackwheel.reports import doctor
-from blackwheel.reports.doctor import (Finding, Probe, analyse, detect_compute_capability, parse_compiler_version,
-                               parse_gpus, parse_nvcc_version, probe_machine, report, resolve_wrapper)
+from blackwheel.reports.doctor import Finding, Probe, analyse, parse_gpus, probe_machine, report
+from blackwheel.toolchain.machine import (detect_compute_capability, parse_compiler_version, parse_nvcc_version,
+                                          resolve_nvcc)
 from blackwheel.core.targets import ComputeCapability
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "doctor"
@@ -147,7 +148,7 @@ def test_parse_nvcc_version():
     assert parse_nvcc_version("bash: nvcc: command not found") is None
 
 
-def test_resolve_wrapper_follows_scripts_and_links(tmp_path):
+def test_resolve_nvcc_follows_scripts_and_links(tmp_path):
     real = tmp_path / "cuda-13.0" / "bin" / "nvcc"
     real.parent.mkdir(parents=True)
     real.write_bytes(b"\x7fELF fake binary")
@@ -156,8 +157,8 @@ def test_resolve_wrapper_follows_scripts_and_links(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
     link = tmp_path / "nvcc-link"
     link.symlink_to(wrapper)
-    assert resolve_wrapper(str(link)) == str(real)
-    assert resolve_wrapper(str(real)) == str(real)
+    assert str(resolve_nvcc(link)) == str(real)
+    assert str(resolve_nvcc(real)) == str(real)
 
 
 # ---- the real probes on this machine ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from blackwheel.cli import reports as cli_reports
 from blackwheel.reports import gpu_report
 from blackwheel.core.errors import UsageError
 
@@ -136,7 +137,7 @@ def test_cli_report_command(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    gpu_report.register(parser.add_subparsers())
+    cli_reports.register(parser.add_subparsers())
     args = parser.parse_args(["report", str(BENCH), "--out", str(tmp_path)])
     assert args.func(args) == 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ceilings.png").is_file()

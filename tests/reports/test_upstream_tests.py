@@ -99,7 +99,7 @@ def test_flashinfer_default_coverage_agrees_with_its_attention_modules():
     """The declared coverage is what the decode/prefill modules hold: their parameters and the
     generators' fixed arguments, read from the same recipe."""
     recipe = load_recipe("flashinfer")
-    sets, generators = recipe.extra["kernel-sets"], recipe.extra["aot"]["generators"]
+    sets, generators = recipe.data["kernel-sets"], recipe.data["aot"]["generators"]
     derived = {k: set() for k in (*MODULE_PARAM, "pos_encoding_mode", "logits_soft_cap")}
     for name in [*sets["default"]["include"], "default"]:
         for module in sets[name].get("modules", []):

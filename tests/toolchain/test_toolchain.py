@@ -14,8 +14,9 @@ from packaging.specifiers import SpecifierSet
 
 from blackwheel.toolchain import toolchain
 from blackwheel.core.errors import ToolchainError
+from blackwheel.toolchain.machine import resolve_nvcc
 from blackwheel.toolchain.toolchain import (Toolchain, build_env, check, find_cuda_home, host_compiler, nvcc_version,
-                                  probe, resolve_nvcc)
+                                            probe)
 
 NVCC_OUT = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
 SRC = Path(toolchain.__file__).parents[1]   # the blackwheel package, every stage

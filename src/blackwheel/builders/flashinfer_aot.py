@@ -18,9 +18,7 @@ Steps (each usable on its own; ``build`` runs them all):
 
 from __future__ import annotations
 
-import base64
 import csv
-import fnmatch
 import hashlib
 import io
 import itertools
@@ -42,12 +40,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 from ..toolchain import jobs as jobs_mod
 from ..toolchain.jobserver import ninja_jobs_args
 from ..core.errors import BuildFailed, RecipeError, ToolchainError, UsageError
-from ..core.fsutil import atomic_write_json, sha256_file
+from ..core.fsutil import atomic_write_json, record_hash, sha256_file, tree_sha256
 from ..toolchain.interrupt import SignalsRaise
-from ..toolchain.progress import end_build
+from ..toolchain.progress import MemorySampler, RunResult, end_build, first_error
 from ..core.recipe import serves
 from ..core.targets import CudaArch, Target, parse_arch_list, spell
+from ..toolchain.ninja import read_ninja_log
 from ..toolchain.toolchain import libcuda_stub
+from .base import Built
 
 AOT_DIR_IN_WHEEL = "flashinfer/data/aot"      # where both versions' loaders look first
 AOT_LIST_NAME = "blackwheel-aot.json"          # our list of modules + arches, inside that folder
@@ -232,30 +232,6 @@ def kernel_set_table(recipe: Mapping, set_name: str, target: Target | str) -> st
     for glob, rules in coverage:
         lines.append(f"  {glob}: " + " ".join(f"{k}={v}" for k, v in rules.items()))
     return "\n".join(lines)
-
-
-def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default") -> list[str]:
-    """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
-    target, one line each. A module outside the set is fine only when every test that asked for it
-    is excluded by the set's declared coverage (``exclude-tests``)."""
-    from ..reports.upstream_coverage import excluded
-
-    archs = target_archs(recipe, trace["target"])
-    held = set(module_names(recipe, set_name, archs))
-    sets = recipe.get("kernel-sets", {})
-    tables = [t for n in [*sets[set_name].get("include", []), set_name]
-              for t in sets[n].get("coverage", {}).items()]
-    gaps = []
-    for name, entry in trace.get("modules", {}).items():
-        if name in held:
-            continue
-        askers = entry.get("asked_by", [])
-        covered = [f"{f}::{t}" for f in entry.get("files", []) for t in askers
-                   if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
-        if not askers or covered:
-            gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
-                        f"is not in set {set_name!r} for {trace['target']}")
-    return gaps
 
 
 def target_archs(recipe: Mapping, target: Target | str) -> tuple[CudaArch, ...]:
@@ -474,7 +450,7 @@ def compile_modules(modules: Sequence[AotModule], build_dir: Path, env: Mapping,
                 (m.so.parent / KEY_FILE).write_text(m.key(source_key) + "\n")
                 report.built.append(m.name)
         if rc != 0:
-            raise BuildFailed(f"FlashInfer AOT compile failed: {_first_error(log_path)} (log: {log_path})")
+            raise BuildFailed(f"FlashInfer AOT compile failed: {first_error(log_path) or 'see log'} (log: {log_path})")
     report.seconds = module_seconds(build_dir / ".ninja_log", modules)
     return report
 
@@ -493,7 +469,7 @@ def _run_with_progress(cmd: list[str], cwd: Path, env: Mapping, todo: Sequence[A
                     progress(f"  module [{done}/{len(todo)}] {name} ({time.monotonic() - start:.0f} s)")
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # this run only: _first_error reads it. Interrupts end ninja's jobs and the sccache server's (end_build)
+    # this run only: first_error reads it. Interrupts end ninja's jobs and the sccache server's (end_build)
     with open(log_path, "w") as log, SignalsRaise(only_first=True) as signals:
         with signals.held():
             proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
@@ -518,21 +494,9 @@ def _run_with_progress(cmd: list[str], cwd: Path, env: Mapping, todo: Sequence[A
 _UNIT_RE = re.compile(r"^\[(\d+)/(\d+)\]")
 
 
-def _first_error(log_path: Path) -> str:
-    for line in log_path.read_text(errors="replace").splitlines():
-        if re.search(r"\berror\b|FAILED:", line):
-            return line.strip()[:300]
-    return "see log"
-
-
 def module_seconds(ninja_log: Path, modules: Sequence[AotModule]) -> dict[str, float]:
     """Sum of each module's build steps, from ninja's own log (start/end in ms)."""
-    ends: dict[str, float] = {}
-    if ninja_log.exists():
-        for line in ninja_log.read_text().splitlines()[1:]:
-            parts = line.split("\t")
-            if len(parts) >= 4:
-                ends[parts[3]] = (int(parts[1]) - int(parts[0])) / 1000.0
+    ends = read_ninja_log(ninja_log)
     out = {}
     for m in modules:
         prefix = str(m.so.parent.resolve()) + os.sep
@@ -556,11 +520,6 @@ def build_base_wheel(src_dir: Path, env: Mapping, out_dir: Path, python: str = s
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise BuildFailed(f"flashinfer-python wheel build failed: {last}")
     return wheels[-1]
-
-
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"sha256={digest}"
 
 
 def _retag(name: str, data: bytes, old_info: str, new_info: str, version: str, tag: str) -> tuple[str, bytes]:
@@ -607,17 +566,17 @@ def _write_grafted(base_wheel: Path, tmp: Path, modules: Sequence[AotModule], li
                 continue
             name, data = _retag(info.filename, src.read(info), old_info, new_info, version, tag)
             dst.writestr(name, data)
-            rows.append((name, _record_hash(data), str(len(data))))
+            rows.append((name, record_hash(data), str(len(data))))
         for m in modules:
             name = f"{AOT_DIR_IN_WHEEL}/{m.name}/{m.name}.so"
             data = m.so.read_bytes()
             zinfo = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             zinfo.external_attr = 0o755 << 16
             dst.writestr(zinfo, data, compress_type=zipfile.ZIP_DEFLATED)
-            rows.append((name, _record_hash(data), str(len(data))))
+            rows.append((name, record_hash(data), str(len(data))))
         data = (json.dumps(listing, indent=2, sort_keys=True) + "\n").encode()
         dst.writestr(f"{AOT_DIR_IN_WHEEL}/{AOT_LIST_NAME}", data)
-        rows.append((f"{AOT_DIR_IN_WHEEL}/{AOT_LIST_NAME}", _record_hash(data), str(len(data))))
+        rows.append((f"{AOT_DIR_IN_WHEEL}/{AOT_LIST_NAME}", record_hash(data), str(len(data))))
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows + [(f"{new_info}/RECORD", "", "")])
         dst.writestr(f"{new_info}/RECORD", buf.getvalue())
@@ -682,46 +641,47 @@ def build(req: AotRequest, progress: Progress = print) -> AotResult:
 
 
 def _source_key(src_dir: Path) -> str:
-    from ..sources.fetch import tree_sha256
     return hashlib.sha256("".join(tree_sha256(src_dir / d) for d in ("csrc", "include")).encode()).hexdigest()
 
 
-# ---- build.py's builder contract --------------------------------------------------------------------
-def recipe_data(recipe) -> dict:
-    """The recipe's full TOML (this builder reads [aot], [kernel-sets] and [arch].supported)."""
-    import tomllib
+# ---- the builder: what the pipeline calls ------------------------------------------------------------
+class FlashInferAot:
+    """``recipe.builder == "flashinfer-aot"``: the kernel set of ``req.kernel_set`` (default
+    ``default``), compiled ahead of time into the flashinfer-python wheel. Its module cache stays in
+    ``req.workdir/flashinfer-aot/<version>``, so a rerun compiles only what changed."""
 
-    return tomllib.loads(Path(recipe.path).read_text())
+    name = "flashinfer-aot"
 
+    def key(self, req) -> dict:
+        return {"kernel_set": req.kernel_set or "default"}
 
-def run_aot_builder(req, tree: Path, env: dict, out: Path, log: Path):
-    """``BUILDERS["flashinfer-aot"]`` in build.py: same contract as ``run_pip_wheel``.
+    def environment(self, req, toolchain, base: dict, env: dict) -> dict:
+        return env
 
-    Uses ``req.kernel_set`` (default ``"default"``); keeps its module cache in
-    ``req.workdir/flashinfer-aot/<version>`` so a rerun compiles only what changed; writes the
-    module list beside the wheel as ``flashinfer-aot.json`` for the manifest.
-    """
-    from ..toolchain.progress import MemorySampler, RunResult
+    def plan(self, req, out: Path, prepare) -> str:
+        """A set of modules, not one build file: what the set holds for the target (nothing fetched)."""
+        return kernel_set_table(req.recipe.data, req.kernel_set or "default", req.target)
 
-    sampler = MemorySampler()
-    sampler.start()
-    start = time.monotonic()
-    aot_req = AotRequest(src_dir=tree, recipe=recipe_data(req.recipe), target=req.target,
-                         kernel_set=getattr(req, "kernel_set", None) or "default",
-                         work_dir=Path(req.workdir) / "flashinfer-aot" / req.version.version,
-                         out_dir=out, python=req.python, jobs=req.jobs, base_env=env)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    rc, first, done, total = 0, None, 0, 0
-    with open(log, "a", encoding="utf-8") as f:
-        def progress(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
-            f.write(line + "\n")
-            f.flush()
-        try:
-            result = build(aot_req, progress)
-            atomic_write_json(out / "flashinfer-aot.json", result.manifest())
-            done = total = len(result.modules)
-        except BuildFailed as exc:
-            rc, first = 1, str(exc)
-    peak = sampler.stop()
-    return RunResult(rc, time.monotonic() - start, peak, done, total, log, first)
+    def build(self, req, tree: Path, env: dict, out: Path, log: Path) -> Built:
+        sampler = MemorySampler()
+        sampler.start()
+        start = time.monotonic()
+        aot_req = AotRequest(src_dir=tree, recipe=req.recipe.data, target=req.target,
+                             kernel_set=req.kernel_set or "default",
+                             work_dir=Path(req.workdir) / "flashinfer-aot" / req.version.version,
+                             out_dir=out, python=req.python, jobs=req.jobs, base_env=env)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        rc, first, done, total, manifest = 0, None, 0, 0, {}
+        with open(log, "a", encoding="utf-8") as f:
+            def progress(line: str) -> None:
+                print(line, file=sys.stderr, flush=True)
+                f.write(line + "\n")
+                f.flush()
+            try:
+                result = build(aot_req, progress)
+                manifest, done = result.manifest(), len(result.modules)
+                total = done
+            except BuildFailed as exc:
+                rc, first = 1, str(exc)
+        peak = sampler.stop()
+        return Built(RunResult(rc, time.monotonic() - start, peak, done, total, log, first), manifest)

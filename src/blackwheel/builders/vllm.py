@@ -26,8 +26,11 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from ..core.errors import ToolchainError, VerifyFailed
+from ..core.fsutil import atomic_write_text
 from ..core.targets import CudaArch, Target, covers
-from ..toolchain.toolchain import libcuda_stub
+from ..toolchain.toolchain import Toolchain, libcuda_stub
+from .base import BuildRequest, Prepared
+from .pip_wheel import PipWheel
 
 # ---- the configure command ------------------------------------------------------------------------
 
@@ -85,17 +88,6 @@ def find_cmake(python: str) -> str:
         seen.append(f"{m.group(0) if m else 'unknown version'} at {cand}")
     raise ToolchainError(f"vLLM needs CMake >= {'.'.join(map(str, CMAKE_MIN))} (found: "
                          f"{'; '.join(seen) or 'none'}): pip install 'cmake>=3.26' into the build env")
-
-
-def gcc_version(cxx: str = "c++") -> Version | None:
-    """The host C++ compiler's version when it is GCC (``-dumpfullversion``), else None."""
-    try:
-        out = subprocess.run([cxx, "-dumpfullversion", "-dumpversion"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        ident = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return Version(out) if "clang" not in ident.lower() else None
 
 
 def require_gcc(package: str, version: str, needed: SpecifierSet | None, found: Version | None) -> None:
@@ -171,7 +163,6 @@ def run_configure(spec: ConfigureSpec, log_path: Path | None = None) -> Configur
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     log = f"$ {shlex.join(argv)}\n{proc.stdout}{proc.stderr}"
     if log_path is not None:
-        from ..core.fsutil import atomic_write_text
         atomic_write_text(log_path, log)
     return ConfigureRun(argv, proc.returncode, time.monotonic() - start, log)
 
@@ -360,3 +351,35 @@ def plan_build(spec: ConfigureSpec, log_path: Path | None = None) -> tuple[Plan,
     ninja = spec.build_dir / "build.ninja"
     libraries = parse_build_ninja(ninja.read_text()) if run.returncode == 0 and ninja.is_file() else {}
     return plan, libraries, run
+
+
+# ---- the builder: pip wheel, whose setup.py configures with CMake ---------------------------------------
+class Vllm(PipWheel):
+    """vLLM's ``pip wheel``: its setup.py runs CMake, which needs the toolkit's libraries named on a
+    slim host (``CMAKE_ARGS``), and whose configure output says, per kernel family, what a target gets."""
+
+    name = "vllm"
+
+    def environment(self, req: BuildRequest, toolchain: Toolchain, base: dict[str, str],
+                    env: dict[str, str]) -> dict[str, str]:
+        if "CMAKE_ARGS" not in req.recipe.env:
+            return env
+        # the recipe's first; the caller's own (CMAKE_ARGS in the environment) and the toolkit
+        # hints after them, so a slim CUDA whose libnvrtc comes from the nvidia wheels still links
+        hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python, req.workdir / "stubs",
+                                      env.get("CXX", "c++"))
+        parts = (req.recipe.env["CMAKE_ARGS"], base.get("CMAKE_ARGS", ""), *hints)
+        return {**env, "CMAKE_ARGS": " ".join(a for a in parts if a)}
+
+    def plan_data(self, req: BuildRequest, out: Path, prepared: Prepared) -> dict:
+        env = dict(prepared.env)
+        if "CMAKE_ARGS" in env:   # a plan never links: a host without libcuda may still generate
+            env["CMAKE_ARGS"] = " ".join([env["CMAKE_ARGS"],
+                                          *plan_only_cmake_args(Path(prepared.toolchain.cuda_home), req.python)])
+        data = super().plan_data(req, out, Prepared(prepared.tree, env, prepared.work, prepared.toolchain))
+        # CMake prints its kernel families and their arches while it configures
+        families = parse_configure((prepared.work / "plan.log").read_text(errors="replace")).rows()
+        if families:
+            data = {**{k: v for k, v in data.items() if k != "build_file"}, "families": dict(families),
+                    "build_file": data["build_file"]}
+        return data

@@ -18,10 +18,8 @@ How the arch is told apart (measured with nvcc 13.0 and cuobjdump 13.5):
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import io
-import json
 import os
 import re
 import struct
@@ -344,18 +342,3 @@ def inspect_path(path: str | os.PathLike) -> InspectReport:
     if found is None:
         raise UsageError(f"{path}: no such file, folder or installed package")
     return InspectReport(*found)
-
-
-# ---- command line -----------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "inspect", help="list the cubins and PTX (per arch) in a wheel, .so, .o, folder or installed package")
-    parser.add_argument("path", metavar="PATH", help="wheel, ELF file, folder or installed distribution name")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.set_defaults(func=run_inspect)
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    report = inspect_path(args.path)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render_text())
-    return 1 if report.errors else 0

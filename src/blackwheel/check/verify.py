@@ -9,8 +9,6 @@ because it JIT-compiles slowly and may hold only ``__CUDA_ARCH__`` stubs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -19,7 +17,7 @@ from typing import Iterable, Mapping, Sequence, Union
 
 from ..core.errors import UsageError, VerifyFailed
 from .inspect import InspectReport, ObjectReport, inspect_path
-from ..core.targets import TARGET_NAMES, ComputeCapability, CudaArch, Target, parse_arch_list, resolve_target
+from ..core.targets import ComputeCapability, CudaArch, Target
 
 PathLike = Union[str, os.PathLike]
 Inputs = Union[PathLike, InspectReport, Iterable[Union[PathLike, InspectReport]]]
@@ -229,46 +227,3 @@ def compat_objects(objects: Iterable[ObjectReport], cc: ComputeCapability) -> li
 
 def compat_path(path: PathLike, cc: ComputeCapability) -> list[CompatEntry]:
     return compat_objects(inspect_path(path).objects, cc)
-
-
-# ---- command line -----------------------------------------------------------------------------------
-def _required_arg(text: str) -> tuple[str, tuple[CudaArch, ...]]:
-    glob, sep, archs = text.partition("=")
-    if not sep or not glob:
-        raise UsageError(f"--require {text!r}: write GLOB=ARCH[,ARCH], e.g. '*_C.abi3.so=12.1a'")
-    return glob, parse_arch_list(archs)
-
-
-def register(subparsers) -> None:
-    v = subparsers.add_parser("verify", help="fail unless every CUDA object runs natively on each target device")
-    v.add_argument("paths", nargs="+", metavar="PATH", help="wheel, ELF file, folder or installed package")
-    v.add_argument("--target", required=True, metavar="T", help=f"one of: {', '.join(TARGET_NAMES)}")
-    v.add_argument("--require", action="append", default=[], metavar="GLOB=ARCHS",
-                   help="objects matching GLOB must carry these cubins, e.g. '*_C.abi3.so=12.1a'")
-    v.add_argument("--json", action="store_true", help="print JSON instead of text")
-    v.set_defaults(func=run_verify)
-    c = subparsers.add_parser("compat", help="per CUDA object: native, ptx-jit or none on a compute capability")
-    c.add_argument("path", metavar="PATH", help="wheel, ELF file, folder or installed package")
-    c.add_argument("--cc", required=True, help="compute capability of the device, e.g. 12.1")
-    c.add_argument("--json", action="store_true", help="print JSON instead of text")
-    c.set_defaults(func=run_compat)
-
-
-def run_verify(args: argparse.Namespace) -> int:
-    target = resolve_target(args.target)
-    required = dict(_required_arg(r) for r in args.require)
-    report = verify_paths(args.paths, target, required)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render_text())
-    report.raise_for_failure()
-    return 0
-
-
-def run_compat(args: argparse.Namespace) -> int:
-    """Exit 1 when some object has no code at all for the device."""
-    cc = ComputeCapability.parse(args.cc)
-    entries = compat_path(args.path, cc)
-    if args.json:
-        print(json.dumps([e.to_dict() for e in entries], indent=2))
-    else:
-        print("\n".join(e.render_text() for e in entries) or f"{args.path}: no CUDA code")
-    return 1 if any(e.verdict == "none" for e in entries) or not entries else 0

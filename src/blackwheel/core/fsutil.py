@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -52,6 +52,11 @@ def tree_sha256(root: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def record_hash(data: bytes) -> str:
+    """A wheel RECORD line's hash of ``data``: ``sha256=`` and urlsafe base64 without padding."""
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
 def disk_full(exc: BaseException) -> bool:
     """True for the OSError of a full disk (or an exhausted quota)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -88,20 +93,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, then rename."""
-    dst = Path(dst)
-    fd, tmp = _temp_beside(dst)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
 
 
 @contextmanager

@@ -8,28 +8,30 @@ becomes the package's arch knob, build knobs, and what the wheel must contain. A
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
+from email.parser import HeaderParser
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from .errors import RecipeError, UsageError
-from ..sources.fetch import GIT_COMMIT_LEN, Source
+from .settings import Settings
+from .source import GIT_COMMIT_LEN, HEX64, Source
 from .targets import TARGETS, CudaArch, Target, parse_arch_list, spell
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
-
-
 def recipes_dir() -> Path:
-    return Path(os.environ.get("BLACKWHEEL_RECIPES", PROJECT_ROOT / "recipes"))
+    return Settings.from_env().recipes
 
 
 def patches_dir() -> Path:
-    return Path(os.environ.get("BLACKWHEEL_PATCHES", PROJECT_ROOT / "patches"))
+    return Settings.from_env().patches
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ class Recipe:
     depends: tuple[str, ...] = ()
     jobs_style: str = "torch-ext"     # how MAX_JOBS is read: "torch-ext" or "vllm" (divided by NVCC_THREADS)
     build_requires: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    # the recipe file as read, once: the tables only its builder reads ([aot], [kernel-sets], ...)
+    data: Mapping = field(default_factory=dict, hash=False, compare=False)
 
     def sources_for(self, version: str, target: Target, torch_version: str) -> tuple[Source, ...]:
         """The sdist and every resource a build of ``version`` for ``target`` needs."""
@@ -220,9 +223,6 @@ class Recipe:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
 def _source_from_toml(d: dict, name: str, role: str, where: str) -> Source:
     d = dict(d)
     when = d.pop("when", {})
@@ -254,7 +254,7 @@ def _source_from_toml(d: dict, name: str, role: str, where: str) -> Source:
     elif src.sha256.startswith("unpinned:"):
         if role == "sdist":
             raise RecipeError(f"{where}: the sdist of {name!r} must have a sha256 pin")
-    elif not _HEX64.fullmatch(src.sha256):
+    elif not HEX64.fullmatch(src.sha256):
         raise RecipeError(f"{where}: source {name!r} has no sha256 pin (64 lowercase hex), got {src.sha256!r}")
     Condition.from_toml(when, f"{where} {name}")  # a bad condition fails at load, not mid-build
     return src
@@ -344,8 +344,7 @@ def load_recipe(name: str) -> Recipe:
             expect=data.get("expect", {}), path=path, depends=tuple(pkg.get("depends", ())),
             jobs_style=pkg.get("jobs-style", "torch-ext"),
             build_requires=tuple(pkg.get("build-requires", ())),
-            extra={k: v for k, v in data.items()
-                   if k not in ("package", "versions", "arch", "env", "expect")},
+            data=MappingProxyType(data),
         )
     except KeyError as exc:
         raise RecipeError(f"{where}: missing key {exc}") from None
@@ -429,8 +428,6 @@ def sdist_requirements(tree: Path, recipe: Recipe, version: str | None = None) -
     Those are ``requirements-files`` of the version (``[[versions]]``) and of ``[expect]``; a
     ``pyproject.toml`` among them contributes ``build-system.requires`` and ``project.dependencies``.
     """
-    from email.parser import HeaderParser
-
     reqs: list[str] = []
     pkg_info = tree / "PKG-INFO"
     if pkg_info.is_file():
@@ -455,9 +452,6 @@ def requirement_lines(path: Path) -> list[str]:
 
 def stack_disagreements(stack: Stack, recipe: Recipe, tree: Path) -> list[str]:
     """Each requirement of ``recipe``'s sdist that a stack pin does not satisfy, as a sentence."""
-    from packaging.requirements import InvalidRequirement, Requirement
-    from packaging.utils import canonicalize_name
-
     pinned = {"torch": stack.torch}
     for name, version in stack.pins.items():
         if name == recipe.name:

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import UsageError
 
 SUFFIXES = ("", "a", "f")
-
-# nvcc 13.0 accepts these real architectures (checked with nvcc 13.0.88); older ones were dropped.
-NVCC13_ARCHS = {(7, 5), (8, 0), (8, 6), (8, 7), (8, 8), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0),
-                (12, 0), (12, 1)}
 
 _ARCH_RE = re.compile(
     r"^(?:(?P<kind>sm|compute|lto)_)?(?P<num>\d+)(?:\.(?P<minor>\d))?(?P<suffix>[af]?)$"
@@ -226,14 +222,13 @@ def native_target(cc: ComputeCapability) -> Target:
     return Target(f"sm{cc.major}{cc.minor}", (cc,), f"the visible GPU ({cc})")
 
 
-def resolve_target(name: str, detect=None) -> Target:
-    """Target by name; ``native`` asks ``detect()`` (default: the GPU probe) for the capability."""
+def resolve_target(name: str, detect: Callable[[], ComputeCapability | None] | None = None) -> Target:
+    """Target by name; ``native`` asks ``detect()`` (the machine probe, passed in by the caller:
+    core knows no machine) for the visible GPU's capability."""
     if name in TARGETS:
         return TARGETS[name]
     if name == "native":
-        if detect is None:
-            from ..reports.doctor import detect_compute_capability as detect
-        cc = detect()
+        cc = detect() if detect is not None else None
         if cc is None:
             raise UsageError("target 'native' needs a visible GPU; none found (name a target instead)")
         return native_target(cc)

@@ -10,74 +10,43 @@ Order of work, cheapest refusal first:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from ..toolchain import toolchain as tc_mod
-from ..core.errors import BuildFailed, StackMismatch, ToolchainError, UsageError
+from ..builders import BuildRequest, Prepared, builder_for
+from ..check.verify import verify_wheel
+from ..core.errors import BuildFailed, StackMismatch, ToolchainError
 from ..core.fsutil import flocked, sha256_file
-from ..toolchain.interrupt import OWNER_ENV, end_orphans, owner_mark
+from ..core.recipe import Recipe, requirement_lines, stack_disagreements
+from ..core.targets import Target, parse_arch_list
+from ..release.manifest import Manifest, read_manifest
+from ..release.wheelhouse import find_reusable, local_version, place, retag_wheel
+from ..sources.fetch import safe_extract
 from ..sources.patch import apply_series
-from ..toolchain.progress import run_logged
-from ..core.recipe import (PROJECT_ROOT, Recipe, Stack, load_recipe, load_stack, parse_variant_choices,
-                     requirement_lines, stack_disagreements)
-from ..sources.fetch import Fetcher, safe_extract
-from ..core.targets import DEFAULT_TARGET, Target, resolve_target
-from ..builders.vllm import parse_configure, plan_only_cmake_args, toolkit_library_hints
-from ..release.wheelhouse import default_root, find_reusable, local_version, place, retag_wheel
+from ..toolchain import memgate
+from ..toolchain import toolchain as tc_mod
+from ..toolchain.ccache import (DOWN_FLAG, CacheConfig, StoreWatch, start_with_fallback, stats, stop_server,
+                                write_launcher, zero_stats)
+from ..toolchain.interrupt import OWNER_ENV, end_orphans, owner_mark
+from ..toolchain.jobs import machine_resources, memgate_env, plan_jobs
+from ..toolchain.ninja import (SHIM_LOGS_ENV, SHIM_TIMES_ENV, build_profile, read_ninja_log, unit_key,
+                               write_ninja_shim)
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    recipe: Recipe
-    stack: Stack
-    target: Target
-    python: str = sys.executable
-    wheelhouse: Path = field(default_factory=default_root)
-    workdir: Path = field(default_factory=lambda: Path(os.environ.get("BLACKWHEEL_WORKDIR",
-                                                                      PROJECT_ROOT / "build")))
-    fetcher: Fetcher = field(default_factory=Fetcher.from_env)
-    jobs: int | None = None
-    force: bool = False
-    live: bool | None = None
-    kernel_set: str | None = None   # FlashInfer: which AOT kernel set (recipe [kernel-sets])
-    variant_choices: tuple[tuple[str, bool], ...] = ()   # `--variant NAME=on|off`; the rest default
-    extra_env: dict = field(default_factory=dict, hash=False, compare=False)   # e.g. a shared jobserver
-
-    @property
-    def version(self):
-        return self.recipe.version(self.stack.pins[self.recipe.name])
-
-    @property
-    def variants(self) -> dict[str, bool]:
-        """Every variant of the version, on or off (an unknown name is a one-line error)."""
-        return self.version.choose_variants(dict(self.variant_choices))
-
-    @property
-    def variant_tags(self) -> list[str]:
-        """``nofa3``-style tags of the variants not at their default (wheel version, work folder)."""
-        chosen = self.variants
-        return [v.tag(chosen[v.name]) for v in self.version.variants if chosen[v.name] != v.default]
-
-    def variant_env(self) -> dict[str, str]:
-        chosen = self.variants
-        return {k: val for v in self.version.variants for k, val in v.env_for(chosen[v.name]).items()}
 
 
 @dataclass
@@ -99,7 +68,7 @@ def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
         "patches": [sha256_file(p.file) for p in rv.patches_for(req.target, req.stack.torch)],
         "target": req.target.name, "archs": [a.dotted for a in archs],
         "env": req.recipe.env, "toolchain": toolchain.identity(),
-        **({"kernel_set": req.kernel_set or "default"} if req.recipe.builder == "flashinfer-aot" else {}),
+        **builder_for(req.recipe).key(req),
         **({"variants": req.variants} if rv.variants else {}),
     }
 
@@ -216,30 +185,19 @@ def check_build_requirements(req: BuildRequest, tree: Path) -> None:
 # ---- environment ---------------------------------------------------------------------------------
 def job_plan(req: BuildRequest):
     """Jobs and nvcc threads for the CPUs this thread may use and the free memory."""
-    from ..toolchain.jobs import machine_resources, plan_jobs
-
     cores, avail = machine_resources()
     unit_gib = float(req.recipe.expect.get("unit-memory-gib", 2.0))
     archs = req.recipe.arch.archs_for(req.target)
     plan = plan_jobs(cores, avail, int(unit_gib * 2**30), arch_count=len(archs))
     if req.jobs:
-        from dataclasses import replace
-
         plan = replace(plan, jobs=req.jobs, reason=f"--jobs {req.jobs} given")
     return plan
 
 
 def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: PreparedTree,
                       plan) -> dict[str, str]:
-    env = tc_mod.build_env(toolchain)
-    user_cmake_args = env.get("CMAKE_ARGS", "")
-    env.update(req.recipe.env)
-    if "CMAKE_ARGS" in req.recipe.env:
-        # the recipe's first; the caller's own (CMAKE_ARGS in the environment) and the toolkit
-        # hints after them, so a slim CUDA whose libnvrtc comes from the nvidia wheels still links
-        hints = toolkit_library_hints(Path(toolchain.cuda_home), req.python, req.workdir / "stubs",
-                                      env.get("CXX", "c++"))
-        env["CMAKE_ARGS"] = " ".join(a for a in (req.recipe.env["CMAKE_ARGS"], user_cmake_args, *hints) if a)
+    base = tc_mod.build_env(toolchain)
+    env = builder_for(req.recipe).environment(req, toolchain, base, {**base, **req.recipe.env})
     env.update(prepared.resource_env)
     env.update(req.variant_env())
     env.update(req.extra_env)
@@ -251,27 +209,6 @@ def build_environment(req: BuildRequest, toolchain: tc_mod.Toolchain, prepared: 
     return env
 
 
-# ---- the package's own build -----------------------------------------------------------------------
-def pip_wheel_command(req: BuildRequest, tree: Path, out: Path) -> list[str]:
-    return [req.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-            "-v", "-w", str(out), str(tree)]
-
-
-def run_pip_wheel(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
-    cmd = pip_wheel_command(req, tree, out)
-    label = f"{req.recipe.name} {req.version.version} [{req.target.name}]"
-    return run_logged(cmd, tree, env, log, label, req.recipe.expect.get("compile-units"), req.live)
-
-
-def run_flashinfer_aot(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
-    from ..builders.flashinfer_aot import run_aot_builder
-
-    return run_aot_builder(req, tree, env, out, log)
-
-
-BUILDERS = {"pip-wheel": run_pip_wheel, "flashinfer-aot": run_flashinfer_aot}
-
-
 def _single_wheel(out: Path, recipe: Recipe) -> Path:
     found = sorted(out.glob("*.whl"))
     if len(found) != 1:
@@ -281,9 +218,6 @@ def _single_wheel(out: Path, recipe: Recipe) -> Path:
 
 def check_expected_libraries(wheel: Path, recipe: Recipe) -> None:
     """Every ``expect.cuda-libraries`` glob must match a member of the wheel."""
-    import fnmatch
-    import zipfile
-
     with zipfile.ZipFile(wheel) as zf:
         members = zf.namelist()
     for pattern in recipe.expect.get("cuda-libraries", []):
@@ -294,8 +228,6 @@ def check_expected_libraries(wheel: Path, recipe: Recipe) -> None:
 
 
 def verify_built(wheel: Path, req: BuildRequest) -> dict:
-    from ..check.verify import verify_wheel
-
     required = _required_cubins(req.recipe, req.target)
     report = verify_wheel(wheel, req.target, required or None, req.recipe.expect.get("ptx-only-ok", ()))
     report.raise_for_failure()
@@ -303,8 +235,6 @@ def verify_built(wheel: Path, req: BuildRequest) -> dict:
 
 
 def _required_cubins(recipe: Recipe, target: Target) -> dict:
-    from ..core.targets import parse_arch_list
-
     # [expect.cubins.<target>] "library glob" = ["12.1a", ...]: cubins a library must carry
     per_target = recipe.expect.get("cubins", {}).get(target.name, {})
     return {glob: list(parse_arch_list(archs)) for glob, archs in per_target.items()}
@@ -318,8 +248,6 @@ def profile_path(recipe: Recipe, version: str) -> Path:
 
 def longest_first_env(req: BuildRequest, env: dict[str, str], work: Path) -> dict[str, str]:
     """Put the ninja shim first on PATH: it reorders build.ninja slowest-first and keeps the log."""
-    from ..toolchain.ninja import SHIM_LOGS_ENV, SHIM_TIMES_ENV, write_ninja_shim
-
     real = shutil.which("ninja", path=env["PATH"])
     if real is None:
         return env
@@ -335,8 +263,6 @@ def longest_first_env(req: BuildRequest, env: dict[str, str], work: Path) -> dic
 
 def record_unit_times(req: BuildRequest, work: Path) -> dict[str, float]:
     """Unit times of this build, from the ninja logs the shim kept."""
-    from ..toolchain.ninja import read_ninja_log, unit_key
-
     times: dict[str, float] = {}
     for log in sorted((work / "ninja-logs").glob("*.ninja_log")):
         tmp = work / "ninja-read"
@@ -347,9 +273,6 @@ def record_unit_times(req: BuildRequest, work: Path) -> dict[str, float]:
 
 
 def _profile(unit_times: dict[str, float], result, plan, cache_stats) -> dict | None:
-    from ..toolchain.jobs import machine_resources
-    from ..toolchain.ninja import build_profile
-
     if not unit_times:
         return None
     cores = machine_resources()[0]
@@ -369,8 +292,6 @@ class CacheSession:
     watch: object = None   # ccache.StoreWatch of a remote store
 
     def finish(self) -> dict:
-        from ..toolchain.ccache import stats, stop_server
-
         if self.watch is not None:
             self.watch.stop()
         if self.watch is not None and self.watch.fell_back:   # the server was abandoned: no stats to ask
@@ -393,10 +314,6 @@ def start_compile_cache(req: BuildRequest, env: dict[str, str], toolchain, tree:
                         work: Path | None = None):
     """sccache (``config``, else BLACKWHEEL_CACHE_URL; local disk by default) and the memory gate in front of
     nvcc; the build's sccache launcher is written in ``work`` (default: beside ``tree``)."""
-    from ..toolchain import memgate
-    from ..toolchain.ccache import DOWN_FLAG, CacheConfig, StoreWatch, start_with_fallback, write_launcher, zero_stats
-    from ..toolchain.jobs import memgate_env
-
     unit_bytes = int(float(req.recipe.expect.get("unit-memory-gib", 2.0)) * 2**30)
     env = {**env, **memgate_env(plan, unit_bytes)}
     gate = [sys.executable, memgate.__file__, "--"]
@@ -467,9 +384,10 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
     env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan, work=work)
     env = longest_first_env(req, env, work)      # last: the ninja stand-in must come first on PATH
     try:
-        result = BUILDERS[req.recipe.builder](req, prepared.tree, env, out, log)
+        built = builder_for(req.recipe).build(req, prepared.tree, env, out, log)
     finally:
         cache_stats = cache.finish() if cache else None
+    result = built.run
     unit_times = record_unit_times(req, work)
     if result.returncode != 0:
         raise BuildFailed(f"{req.recipe.name} build failed: {result.first_error or 'see the log'} "
@@ -478,7 +396,7 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
     check_expected_libraries(raw, req.recipe)
     wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag, req.variant_tags), out)
     verdict = verify_built(wheel, req)
-    manifest = {
+    manifest: Manifest = {
         "package": req.recipe.name, "dist_name": req.recipe.dist_name,
         "version": wheel.name.split("-")[1], "stack": req.stack.name,
         "target": req.target.name, "target_devices": [str(cc) for cc in req.target.devices],
@@ -494,70 +412,11 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
                   "units": result.units_total, "log": str(log), "started": started,
                   "cache": cache_stats, "profile": _profile(unit_times, result, plan, cache_stats)},
         "verify": verdict,
+        **built.manifest,   # the builder's own section (FlashInfer: the AOT modules and their arches)
     }
-    aot = out / "flashinfer-aot.json"
-    if aot.is_file():   # the AOT modules and their arches (FlashInfer)
-        manifest["aot"] = json.loads(aot.read_text()).get("aot")
     final = place(wheel, manifest, req.wheelhouse, req.stack.name, req.target.name)
     print(f"built {final} in {result.wall_s:.0f}s, peak {result.peak_mem_bytes / 2**30:.1f} GiB", file=sys.stderr)
-    from ..release.wheelhouse import read_manifest
-
     return BuildOutcome(final, read_manifest(final), False)
-
-
-# ---- plan: the generated build file, nothing compiled ------------------------------------------------
-_PLAN_NINJA = """#!/bin/sh
-# blackwheel plan: keep the generated build file, compile nothing
-case "$1" in --version) exec {real} --version ;; esac
-# CMake's own compiler checks (try_compile) build in CMakeFiles/: let them really build
-case "$PWD" in */CMakeFiles/*) exec {real} "$@" ;; esac
-pwd > "$BLACKWHEEL_PLAN_OUT.dir"
-cp build.ninja "$BLACKWHEEL_PLAN_OUT" && exit 97
-"""
-
-
-def generate_build_file(req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path):
-    """Run the package's build with a ninja stand-in that keeps build.ninja and compiles nothing.
-
-    Returns (build file text or None, RunResult); the real build tree is left in ``tree``."""
-    shim = log.parent / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    real = shutil.which("ninja", path=env["PATH"]) or "ninja"
-    (shim / "ninja").write_text(_PLAN_NINJA.format(real=real))
-    (shim / "ninja").chmod(stat.S_IRWXU)
-    env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", "BLACKWHEEL_PLAN_OUT": str(out)}
-    out.unlink(missing_ok=True)
-    result = run_pip_wheel(req, tree, env, log.parent / "dist", log)
-    return (out.read_text() if out.is_file() else None), result
-
-
-def gencode_flags(build_file: str) -> list[str]:
-    """The distinct ``-gencode`` flags of a torch-extension build.ninja."""
-    return sorted(set(m.replace("=", " ", 1) if m.startswith("-gencode=") else m
-                      for m in re.findall(r"-gencode[= ]arch=\S+", build_file)))
-
-
-def plan_package(req: BuildRequest, out: Path) -> dict:
-    """Fetch, patch and let the package generate its build file; return its arch flags."""
-    toolchain = tc_mod.probe(req.python)
-    tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
-    work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))
-    prepared = prepare_tree(req, work / "src")
-    env = build_environment(req, toolchain, prepared, job_plan(req))
-    if "CMAKE_ARGS" in env:   # a plan never links: a host without libcuda may still generate
-        env["CMAKE_ARGS"] = " ".join([env["CMAKE_ARGS"], *plan_only_cmake_args(Path(toolchain.cuda_home), req.python)])
-    text, result = generate_build_file(req, prepared.tree, env, out, work / "plan.log")
-    if text is None:
-        raise BuildFailed(f"{req.recipe.name}: no build file was generated: "
-                          f"{result.first_error or 'see'} (log: {work / 'plan.log'})")
-    # torch's build.ninja: "cuda_compile" / "compile"; CMake's: "CUDA_COMPILER__<target>_..."
-    units = len(re.findall(r"^build \S+\.o: (?:(?:cuda_)?compile|(?:CUDA|CXX)_COMPILER__\w+) ", text, re.MULTILINE))
-    # a CMake build prints its kernel families and their arches while it configures (vLLM)
-    families = parse_configure((work / "plan.log").read_text(errors="replace")).rows()
-    shutil.rmtree(work, ignore_errors=True)
-    return {"package": req.recipe.name, "target": req.target.name, "knob": req.recipe.arch.knob,
-            "value": env[req.recipe.arch.knob], "gencode": gencode_flags(text), "units": units,
-            **({"families": dict(families)} if families else {}), "build_file": str(out)}
 
 
 def _mk(p: Path) -> Path:
@@ -565,87 +424,23 @@ def _mk(p: Path) -> Path:
     return p
 
 
-# ---- CLI -------------------------------------------------------------------------------------------
-def _common(p) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help="gb10, sm120, blackwell, hopper, native")
-    p.add_argument("--stack", help="stack name (default: the default stack)")
-    p.add_argument("--python", default=sys.executable, help="the Python (with the stack's torch) to build with")
-    p.add_argument("--wheelhouse", type=Path, default=None)
-    p.add_argument("--offline", action="store_true", default=None, help="read sources only from cache/mirror")
-    p.add_argument("--mirror", help="local mirror folder for air-gapped hosts")
-    p.add_argument("--jobs", type=int, help="override the planned compile jobs")
-    p.add_argument("--kernels", dest="kernel_set", help="FlashInfer AOT kernel set (core, decode, prefill, "
-                   "default, all); default: default")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=on|off",
-                   help="turn a recipe variant on or off, e.g. vllm's fa3=off (see `blackwheel recipes`)")
+# ---- plan: what a build would do, compiling nothing ----------------------------------------------------
+def plan_package(req: BuildRequest, out: Path) -> str:
+    """The builder's plan (pip-wheel: the generated build file's arch flags, as JSON); the tree is
+    fetched and patched only if the builder asks for it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))
+    try:
+        return builder_for(req.recipe).plan(req, out.resolve(), lambda: _prepare_plan(req, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("build", help="build one package of a stack for a target")
-    p.add_argument("package")
-    p.add_argument("--force", action="store_true", help="rebuild even if an identical wheel exists")
-    _common(p)
-    p.set_defaults(func=_cmd_build)
-    p = sub.add_parser("build-all", help="build every package of a stack, in dependency order")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--keep-going", action="store_true", help="a failed package does not stop the others")
-    p.add_argument("--one-at-a-time", dest="together", action="store_false",
-                   help="build the packages one after another instead of at once on one job budget")
-    _common(p)
-    p.set_defaults(func=_cmd_build_all)
-    p = sub.add_parser("build-requires", help="what each package's own build needs in the build Python")
-    p.add_argument("packages", nargs="*", help="recipes (default: every package of the stack)")
-    p.add_argument("--install", action="store_true", help="pip install --upgrade what the build Python lacks")
-    _common(p)
-    p.set_defaults(func=_cmd_build_requires)
-    p = sub.add_parser("plan", help="show the arch flags a build would use, compiling nothing")
-    p.add_argument("package")
-    p.add_argument("--out", type=Path, help="where to keep the generated build file")
-    _common(p)
-    p.set_defaults(func=_cmd_plan)
-
-
-def request_from_args(args, recipe: Recipe, stack: Stack) -> BuildRequest:
-    if recipe.name not in stack.pins:
-        raise UsageError(f"stack {stack.name} pins no version of {recipe.name}")
-    kwargs = {}
-    if args.wheelhouse:
-        kwargs["wheelhouse"] = args.wheelhouse
-    return BuildRequest(recipe=recipe, stack=stack, target=resolve_target(args.target), python=args.python,
-                        fetcher=Fetcher.from_env(args.offline, args.mirror), jobs=args.jobs,
-                        force=getattr(args, "force", False), kernel_set=args.kernel_set,
-                        variant_choices=_variant_choices(args, recipe, stack), **kwargs)
-
-
-def _variant_choices(args, recipe: Recipe, stack: Stack) -> tuple[tuple[str, bool], ...]:
-    """The ``--variant`` choices this recipe's version declares. With several packages (build-all),
-    a choice binds the packages that have that variant; a name no package has is an error."""
-    choices = parse_variant_choices(getattr(args, "variant", None))
-    mine = {v.name for v in recipe.version(stack.pins[recipe.name]).variants}
-    if getattr(args, "package", None) is None:   # build-all
-        everyone = {v.name for r in stack.recipes() for v in r.version(stack.pins[r.name]).variants}
-        unknown = sorted(set(choices) - everyone)
-        if unknown:
-            raise UsageError(f"no package of stack {stack.name} has a variant {unknown[0]!r}")
-        choices = {k: v for k, v in choices.items() if k in mine}
-    recipe.version(stack.pins[recipe.name]).choose_variants(choices)   # unknown names: one line, now
-    return tuple(sorted(choices.items()))
-
-
-def _cmd_build(args) -> int:
-    stack = load_stack(args.stack)
-    outcome = build_package(request_from_args(args, load_recipe(args.package), stack))
-    print(outcome.wheel)
-    return 0
-
-
-def _cmd_build_all(args) -> int:
-    from .stack_build import build_stack
-
-    stack = load_stack(args.stack)
-    # every request first: a bad target or recipe stops the run before the first fetch
-    requests = [request_from_args(args, recipe, stack) for recipe in stack.recipes()]
-    return build_stack(requests, keep_going=args.keep_going, together=args.together)[1]
+def _prepare_plan(req: BuildRequest, work: Path) -> Prepared:
+    toolchain = tc_mod.probe(req.python)
+    tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
+    prepared = prepare_tree(req, work / "src")
+    return Prepared(prepared.tree, build_environment(req, toolchain, prepared, job_plan(req)), work, toolchain)
 
 
 def sdist_build_requirements(req: BuildRequest) -> list[str]:
@@ -653,32 +448,3 @@ def sdist_build_requirements(req: BuildRequest) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="bw-reqs-", dir=_mk(req.workdir)) as tmp:
         tree = safe_extract(req.fetcher.fetch(req.version.sdist), Path(tmp))
         return [*build_requirements(tree, req.recipe), *req.recipe.build_requires]
-
-
-def _cmd_build_requires(args) -> int:
-    stack = load_stack(args.stack)
-    names = args.packages or [r.name for r in stack.recipes()]
-    reqs: list[str] = []
-    for name in names:
-        reqs += sdist_build_requirements(request_from_args(args, load_recipe(name), stack))
-    reqs = list(dict.fromkeys(reqs))
-    if args.install:
-        install_build_requirements(args.python, reqs)
-    print("\n".join(reqs))
-    return 0
-
-
-def _cmd_plan(args) -> int:
-    stack = load_stack(args.stack)
-    recipe = load_recipe(args.package)
-    req = request_from_args(args, recipe, stack)
-    if recipe.builder == "flashinfer-aot":   # a set of modules, not one build file: what it holds
-        from ..builders.flashinfer_aot import kernel_set_table, recipe_data
-
-        print(kernel_set_table(recipe_data(recipe), req.kernel_set or "default", req.target))
-        return 0
-    out = args.out or (req.workdir / "plans" / f"{recipe.name}-{req.target.name}.ninja")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plan = plan_package(req, out.resolve())
-    print(json.dumps(plan, indent=2))
-    return 0

@@ -25,6 +25,7 @@ from ..core.errors import BlackwheelError, MissingOffline, SourceError
 from ..toolchain.interrupt import SignalsRaise, descendants, end_processes
 from ..toolchain.jobs import machine_resources, plan_jobs
 from ..toolchain.jobserver import jobserver
+from .build import build_package, profile_path
 
 
 # ---- 2. sources first ------------------------------------------------------------------------------
@@ -70,8 +71,6 @@ def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
     its cores. A profile of
     only a total is scaled by cores. No profile, no number.
     """
-    from .build import profile_path
-
     name = req.recipe.name
     path = profile_path(req.recipe, req.version.version)
     if not path.is_file():
@@ -158,8 +157,7 @@ def closing_table(rows: list[dict]) -> str:
 def build_stack(requests, keep_going: bool = False, build=None, together: bool = True,
                 resources=None) -> tuple[list[dict], int]:
     """Sources first, an estimate, every package, then the closing table (printed). Returns (rows, rc)."""
-    if build is None:
-        from .build import build_package as build
+    build = build or build_package
     for note in fetch_everything_first(requests):
         print(f"note: {note}", file=sys.stderr)
     resources = resources or machine_resources()

@@ -11,7 +11,6 @@ the toolchain as the BOM's tools.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -21,93 +20,11 @@ from packaging.utils import canonicalize_name
 
 from ..core.errors import PublishError, UsageError
 from ..core.fsutil import sha256_file
+from .manifest import checked_manifest, find_manifest, seal_state
 from ..core.targets import TARGETS, CudaArch, covers
 
-MANIFEST_SCHEMA = "blackwheel.manifest/1"
-MANIFEST_SUFFIX = ".manifest.json"
 SBOM_SUFFIX = ".cdx.json"
 CYCLONEDX_SPEC = "1.6"
-_REQUIRED = ("package", "version", "wheel", "wheel_sha256")
-SEAL = "manifest_sha256"   # sha256 of the manifest's canonical JSON without this field
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of ``manifest``'s canonical JSON (sorted keys, no spaces, UTF-8) without the seal field."""
-    body = {key: val for key, val in manifest.items() if key != SEAL}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
-
-def sealed(manifest: dict) -> dict:
-    """``manifest`` (as JSON would carry it) with its seal field set."""
-    body = json.loads(json.dumps({key: val for key, val in manifest.items() if key != SEAL}))
-    return {**body, SEAL: manifest_digest(body)}
-
-
-def seal_state(manifest: dict) -> str:
-    """``"sealed"``, or ``"unsealed"`` for a manifest written before manifests carried a seal."""
-    return "sealed" if SEAL in manifest else "unsealed"
-
-
-def load_manifest(path: Path, check_seal: bool = True) -> dict:
-    """Read and sanity-check one manifest; a broken one is a one-line error naming the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"cannot read manifest {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        raise PublishError(f"{path} is not a blackwheel manifest (expected schema {MANIFEST_SCHEMA!r})")
-    missing = [key for key in _REQUIRED if not data.get(key)]
-    if missing:
-        raise PublishError(f"manifest {path} lacks {', '.join(missing)}")
-    if check_seal:
-        _check_seal(data, path)
-    return data
-
-
-def _check_seal(data: dict, path: Path, wheel_note: str = "") -> None:
-    if SEAL in data and data[SEAL] != manifest_digest(data):
-        raise PublishError(f"manifest {path} was edited after it was written: its {SEAL} is {data[SEAL]} but its "
-                           f"content hashes to {manifest_digest(data)}{wheel_note}")
-
-
-def find_manifest(wheel: Path, sha256: str, wheelhouse: Path | None) -> Path | None:
-    """The manifest beside the wheel, else one in the wheelhouse whose ``wheel_sha256`` is ``sha256``."""
-    beside = wheel.with_name(wheel.name + MANIFEST_SUFFIX)
-    if beside.is_file():
-        return beside
-    if wheelhouse is None or not wheelhouse.is_dir():
-        return None
-    for candidate in sorted(wheelhouse.rglob(f"*.whl{MANIFEST_SUFFIX}")):
-        try:
-            if json.loads(candidate.read_text(encoding="utf-8")).get("wheel_sha256") == sha256:
-                return candidate
-        except (OSError, ValueError):
-            continue  # a broken manifest elsewhere does not belong to this wheel
-    return None
-
-
-def checked_manifest(wheel: Path, sha256: str, manifest_path: Path) -> dict:
-    """Load the manifest and refuse it unless it describes exactly these bytes."""
-    manifest = load_manifest(manifest_path, check_seal=False)
-    _check_seal(manifest, manifest_path, "" if manifest["wheel_sha256"] == sha256 else
-                f" (it records wheel_sha256 {manifest['wheel_sha256']}, {wheel.name} has sha256 {sha256})")
-    if manifest["wheel_sha256"] != sha256:
-        raise PublishError(
-            f"{wheel.name} has sha256 {sha256} but its manifest {manifest_path} records "
-            f"{manifest['wheel_sha256']}: the wheel was changed after it was built"
-        )
-    return manifest
-
-
-def verify_refusal(manifest: dict | None, wheel_name: str) -> str | None:
-    """Why a wheel may not be published without ``--allow-unverified`` (None: it may)."""
-    if manifest is None:
-        return f"{wheel_name} has no manifest (no {wheel_name}{MANIFEST_SUFFIX} beside it)"
-    verdict = manifest.get("verify") or {}
-    if verdict.get("ok") is not True:
-        return f"{wheel_name} did not pass verify (manifest verify.ok = {verdict.get('ok')!r})"
-    return None
 
 
 # ---- CycloneDX ---------------------------------------------------------------------------------

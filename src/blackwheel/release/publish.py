@@ -95,7 +95,7 @@ class Credentials:
 
 def _keyring_password(service: str, username: str) -> str | None:
     try:
-        import keyring
+        import keyring  # optional: only a publish without credentials in the environment asks it
 
         return keyring.get_password(service, username)
     except Exception:  # no keyring installed or no usable backend: same as no stored password

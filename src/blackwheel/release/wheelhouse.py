@@ -9,11 +9,8 @@ always the one written with it.
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -24,17 +21,12 @@ from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
 from ..core.errors import BuildFailed
-from .provenance import sealed
-from ..core.fsutil import _temp_beside, atomic_write_json, disk_full, flocked, sha256_file
-
-MANIFEST_SCHEMA = "blackwheel.manifest/1"
-MANIFEST_SUFFIX = ".manifest.json"
-
+from ..core.settings import Settings
+from .manifest import SUFFIX, Manifest, try_read, write_beside
+from ..core.fsutil import _temp_beside, disk_full, flocked, record_hash, sha256_file
 
 def default_root() -> Path:
-    from ..core.recipe import PROJECT_ROOT
-
-    return Path(os.environ.get("BLACKWHEEL_WHEELHOUSE", PROJECT_ROOT / "wheelhouse"))
+    return Settings.from_env().wheelhouse
 
 
 def folder(root: Path, stack: str, target: str) -> Path:
@@ -48,17 +40,12 @@ def local_version(cuda: str, target_tag: str, variant_tags=()) -> str:
 
 
 # ---- reuse ---------------------------------------------------------------------------------------
-def find_reusable(root: Path, stack: str, target: str, package: str, build_key: str) -> dict | None:
+def find_reusable(root: Path, stack: str, target: str, package: str, build_key: str) -> Manifest | None:
     """The manifest of an intact wheel built from exactly these inputs, if there is one."""
     where = folder(root, stack, target)
-    for manifest_path in sorted(where.glob(f"*{MANIFEST_SUFFIX}")):
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(manifest, dict) or not manifest.get("wheel"):
-            continue
-        if manifest.get("build_key") != build_key or manifest.get("package") != package:
+    for manifest_path in sorted(where.glob(f"*{SUFFIX}")):
+        manifest = try_read(manifest_path)
+        if manifest is None or manifest.get("build_key") != build_key or manifest.get("package") != package:
             continue
         wheel = where / manifest["wheel"]
         if wheel.is_file() and sha256_file(wheel) == manifest.get("wheel_sha256"):
@@ -67,11 +54,6 @@ def find_reusable(root: Path, stack: str, target: str, package: str, build_key: 
 
 
 # ---- retagging -----------------------------------------------------------------------------------
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"sha256={digest}"
-
-
 def _dist_info_dir(zin: zipfile.ZipFile, wheel: Path) -> str:
     """The wheel's one ``*.dist-info`` folder, as spelled inside it (the file name may differ in case)."""
     dirs = {n.split("/", 1)[0] for n in zin.namelist() if n.split("/", 1)[0].endswith(".dist-info")
@@ -122,13 +104,13 @@ def _rewrite_members(zin: zipfile.ZipFile, zout: zipfile.ZipFile, old_stem: str,
         zi.external_attr, zi.compress_type = info.external_attr, zipfile.ZIP_DEFLATED
         zout.writestr(zi, data)
         if not arc.endswith("/"):                         # folders have no RECORD line
-            writer.writerow([arc, _record_hash(data), len(data)])
+            writer.writerow([arc, record_hash(data), len(data)])
     writer.writerow([f"{new_info}/RECORD", "", ""])
     zout.writestr(zipfile.ZipInfo(f"{new_info}/RECORD", date_time=(1980, 1, 1, 0, 0, 0)), records.getvalue())
 
 
 # ---- placing -------------------------------------------------------------------------------------
-def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> Path:
+def place(wheel: Path, manifest: Manifest, root: Path, stack: str, target: str) -> Path:
     """Move ``wheel`` into the wheelhouse with its manifest, atomically; returns the final path."""
     where = folder(root, stack, target)
     where.mkdir(parents=True, exist_ok=True)
@@ -137,10 +119,9 @@ def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> P
     os.close(fd)
     try:
         shutil.copyfile(wheel, tmp)   # streamed: a jit-cache wheel is ~2 GB
-        manifest = {**manifest, "schema": MANIFEST_SCHEMA, "wheel": wheel.name,
-                    "wheel_sha256": sha256_file(tmp), "wheel_size": os.path.getsize(tmp)}
+        sha, size = sha256_file(tmp), os.path.getsize(tmp)
         with flocked(where):   # another placement of this name between our manifest and rename would mismatch them
-            atomic_write_json(where / (wheel.name + MANIFEST_SUFFIX), sealed(manifest))   # seal: provenance
+            write_beside(wheel.name, where, manifest, sha, size)
             os.replace(tmp, final)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -154,8 +135,4 @@ def place(wheel: Path, manifest: dict, root: Path, stack: str, target: str) -> P
 def wheels(root: Path, stack: str | None = None, target: str | None = None) -> list[Path]:
     """Every wheel in the wheelhouse (optionally of one stack / target) that has a manifest."""
     pattern = f"{stack or '*'}/{target or '*'}/*.whl"
-    return sorted(p for p in root.glob(pattern) if (p.parent / (p.name + MANIFEST_SUFFIX)).is_file())
-
-
-def read_manifest(wheel: Path) -> dict:
-    return json.loads((wheel.parent / (wheel.name + MANIFEST_SUFFIX)).read_text())
+    return sorted(p for p in root.glob(pattern) if (p.parent / (p.name + SUFFIX)).is_file())

@@ -1,7 +1,7 @@
 """Kernel benchmark: this GPU's ceilings and each package's kernels, measured in one run.
 
-    python -m blackwheel.bench --out DIR [--packages flash_attn] [--quick]
-                               [--manifest M.manifest.json ...] [--wheelhouse DIR]
+    blackwheel bench --out DIR [--packages flash_attn] [--quick]
+                     [--manifest M.manifest.json ...] [--wheelhouse DIR]
 
 Writes ``DIR/bench.json`` (schema ``blackwheel.bench/1``), rewritten atomically after every case so a
 crash or a timeout still leaves every finished number on disk. ``blackwheel report`` turns it into
@@ -23,7 +23,6 @@ Packages are entries of ``BENCHMARKS`` (flash_attn, flashinfer); vLLM adds its o
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import importlib.metadata
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.errors import BlackwheelError, UsageError
+from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, sha256_file
 
 SCHEMA = "blackwheel.bench/1"
@@ -416,7 +415,7 @@ def _sdpa_fns(ctx: BenchContext, case: AttnCase, expand_kv: bool) -> list[Callab
 
 def _sdpa_reference(ctx: BenchContext, case: AttnCase) -> dict:
     """Time SDPA's flash backend; for GQA try native GQA first, then KV expanded to all heads."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # torch: heavy, and only the GPU bench needs it
 
     modes = (False, True) if case.heads != case.heads_k else (False,)
     ref: dict = {"impl": "torch sdpa, flash backend"}
@@ -640,7 +639,7 @@ def _fi_family_activation(torch, fi, device) -> None:
 def first_launch_child(package: str, family: str, device_name: str) -> int:
     """Runs in the subprocess: print one JSON line of timings (seconds)."""
     t0 = time.perf_counter()
-    import torch
+    import torch  # heavy: imported here so the child times import-to-first-result itself
 
     device = torch.device(device_name)
     torch.ones(1, device=device).add_(1)         # context creation is not the package's cost
@@ -673,7 +672,7 @@ def _run_child(package: str, family: str, device: str, *, allow_jit: bool, timeo
         env["CUDA_DISABLE_PTX_JIT"] = "1"               # only native SASS may load
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "blackwheel.reports.bench", "--first-launch-child", package, family,
+    cmd = [sys.executable, "-m", "blackwheel.cli", "bench", "--first-launch-child", package, family,
            "--device", device]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -845,7 +844,7 @@ def run(args) -> int:
         BENCHMARKS[name].apply_env()
     manifests = [load_manifest(p) for p in find_manifests(args.manifest, args.wheelhouse)]
     try:
-        import torch
+        import torch  # heavy and optional: blackwheel itself runs without it
     except ImportError as exc:
         raise UsageError("the benchmark needs torch; it is not importable") from exc
     device = torch.device(args.device)
@@ -873,34 +872,6 @@ TIMING = ("CUDA events around blocks of calls rotating among input sets that tot
           "queued behind a GPU spin so host launch cost is not timed; median of the samples")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blackwheel.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="folder for bench.json")
-    p.add_argument("--packages", nargs="+", default=["flash_attn"], help=f"of: {', '.join(BENCHMARKS)}")
-    p.add_argument("--quick", action="store_true", help="fewer samples and serving shapes (~1 minute)")
-    p.add_argument("--manifest", action="append", default=[], help="a wheel manifest to record (repeatable)")
-    p.add_argument("--wheelhouse", help="record every *.manifest.json found under this folder")
-    p.add_argument("--skip-first-launch", action="store_true", help="no fresh-process first-launch check")
-    p.add_argument("--first-launch-timeout", type=float, default=240.0, help="seconds per subprocess")
-    p.add_argument("--device", default="cuda",
-                   help="'cpu' checks the harness on tiny shapes (numbers mean nothing)")
-    p.add_argument("--first-launch-child", nargs=2, metavar=("PACKAGE", "FAMILY"), help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    try:
-        if args.first_launch_child:
-            return first_launch_child(*args.first_launch_child, args.device)
-        if not args.out:
-            raise UsageError("--out DIR is required")
-        return run(args)
-    except BlackwheelError as exc:
-        print(f"blackwheel bench: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
 BENCHMARKS["flash_attn"] = PackageBench(
     import_name="flash_attn", distribution="flash-attn", run=run_flash_attn,
     families={"fwd": _fa_family_fwd, "bwd": _fa_family_bwd, "varlen": _fa_family_varlen,
@@ -912,6 +883,3 @@ BENCHMARKS["flashinfer"] = PackageBench(
               "activation": _fi_family_activation},
     env=FLASHINFER_ENV, gpu_only=True,
 )
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Build-speed benchmark: our build against upstream's own command, same machine, same run.
 
-    python -m blackwheel.bench_build flash-attn --target hopper [--units N] [--cores C [--together]]
+    blackwheel bench-build flash-attn --target hopper [--units N] [--cores C [--together]]
                                      [--touch] --out DIR
-    python -m blackwheel.bench_build flashinfer --target gb10 --kernels core --ours-only --touch
+    blackwheel bench-build flashinfer --target gb10 --kernels core --ours-only --touch
 
 Both runs compile the same patched sources from separate extractions, cold:
 - **upstream**: the package's own defaults (flash-attn: ``MAX_JOBS`` from its setup.py formula,
@@ -24,27 +24,25 @@ resident memory of the processes on its CPUs, ``progress.pinned_measure``), othe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..toolchain import toolchain as tc_mod
-from ..pipeline.build import BUILDERS, BuildRequest, build_environment, job_plan, longest_first_env, pip_wheel_command, \
-    prepare_tree, profile_path, record_unit_times, start_compile_cache
+from ..builders import builder_for
+from ..builders.pip_wheel import pip_wheel_command
+from ..pipeline.build import (BuildRequest, build_environment, job_plan, longest_first_env, prepare_tree,
+                              profile_path, record_unit_times, start_compile_cache)
 from ..toolchain.ccache import CacheConfig
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, atomic_write_text
 from ..toolchain.jobs import GIB, machine_resources
 from ..toolchain.ninja import SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile, read_ninja_log, unit_key, write_ninja_shim
 from ..toolchain.progress import run_logged
-from ..core.recipe import load_recipe, load_stack
-from ..core.targets import resolve_target
 
 UPSTREAM_UNSET = ("MAX_JOBS", "NVCC_THREADS", "PYTORCH_NVCC", "BLACKWHEEL_NINJA_TIMES")
 
@@ -190,7 +188,7 @@ class Run:
                                     f"{self.label}: {req.recipe.name}", req.recipe.expect.get("compile-units"),
                                     req.live)
             else:   # its own builder (FlashInfer AOT)
-                result = BUILDERS[req.recipe.builder](req, tree, env, work / "dist", work / f"{self.label}.log")
+                result = builder_for(req.recipe).build(req, tree, env, work / "dist", work / f"{self.label}.log").run
         finally:
             stats = cache.finish() if cache else None
         times = unit_times(req, work, before)
@@ -351,41 +349,20 @@ def _cache_cell(stats: dict | None) -> str:
     return stats.get("store", "?")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m blackwheel.bench_build", description=__doc__.splitlines()[0])
-    p.add_argument("package")
-    p.add_argument("--target", default="hopper")
-    p.add_argument("--stack")
-    p.add_argument("--units", type=int, default=0, help="compile this many units of the profile (0: all)")
-    p.add_argument("--cores", type=int, help="pin each run to this many CPUs")
-    p.add_argument("--together", action="store_true", help="upstream and ours at once, on disjoint CPUs")
-    p.add_argument("--touch", action="store_true", help="then rebuild ours with one unit changed (cache warm)")
-    p.add_argument("--ours-only", action="store_true", help="no upstream run (FlashInfer: its AOT list is `all`)")
-    p.add_argument("--kernels", help="FlashInfer: the AOT kernel set (recipe [kernel-sets])")
-    p.add_argument("--out", type=Path, default=Path("docs/reports"))
-    args = p.parse_args(argv)
-    try:
-        if args.together and not args.cores:
-            raise UsageError("--together needs --cores (each run's share of the CPUs)")
-        if args.together and args.ours_only:
-            raise UsageError("--together compares with upstream; it cannot go with --ours-only")
-        req = BuildRequest(load_recipe(args.package), load_stack(args.stack), resolve_target(args.target),
-                           python=sys.executable, kernel_set=args.kernels)
-        stem = f"bench-build-{args.package}-{args.target}" + (f"-{args.kernels}" if args.kernels else "")
+def bench_build(req: BuildRequest, out: Path, units: int = 0, cores: int | None = None, together: bool = False,
+                touch: bool = False, ours_only: bool = False) -> str:
+    """Measure, keep ``out/bench-build-<package>-<target>[-<kernels>].{json,md}`` after each run
+    (a later run's failure leaves the earlier ones), and return the Markdown."""
+    if together and not cores:
+        raise UsageError("--together needs --cores (each run's share of the CPUs)")
+    if together and ours_only:
+        raise UsageError("--together compares with upstream; it cannot go with --ours-only")
+    stem = f"bench-build-{req.recipe.name}-{req.target.name}" + (f"-{req.kernel_set}" if req.kernel_set else "")
 
-        def save(result: dict) -> None:
-            atomic_write_json(args.out / f"{stem}.json", result)
-            atomic_write_text(args.out / f"{stem}.md", render(result))
+    def save(result: dict) -> None:
+        atomic_write_json(out / f"{stem}.json", result)
+        atomic_write_text(out / f"{stem}.md", render(result))
 
-        result = side_by_side(req, args.units, args.cores, args.together, args.touch,
-                              upstream=not args.ours_only, save=save)
-    except UsageError as exc:
-        print(f"bench_build: {exc}", file=sys.stderr)
-        return 2
+    result = side_by_side(req, units, cores, together, touch, upstream=not ours_only, save=save)
     save(result)
-    print(render(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return render(result)

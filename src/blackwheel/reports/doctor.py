@@ -8,7 +8,6 @@ Two halves, so the analysis is tested on recorded machines (tests/fixtures/docto
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -17,7 +16,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,11 @@ from pathlib import Path
 from ..core.errors import BlackwheelError
 from ..check.inspect import ObjectReport, inspect_path
 from ..core.targets import ComputeCapability, CudaArch, parse_arch_list
+from ..toolchain import machine
+from ..toolchain.machine import cuda_home_of, parse_compiler_version, parse_nvcc_version
 from ..check.verify import best_native, compat_objects
 
-CUDA_MAJOR = 13
+CUDA_MAJOR = machine.CUDA_MAJOR
 MIN_DRIVER_MAJOR = 580  # CUDA 13.0 needs driver >= 580 on Linux
 MIN_GCC = (11, 3)  # vLLM 0.25.1's floor
 # Distributions whose prebuilt kernels doctor checks against the GPU.
@@ -37,7 +37,6 @@ RECIPE_OF = {"flashinfer-python": "flashinfer", "flashinfer-jit-cache": "flashin
 ARCH_KNOBS = {"TORCH_CUDA_ARCH_LIST": "{major}.{minor}", "FLASHINFER_CUDA_ARCH_LIST": "{major}.{minor}a",
               "FLASH_ATTN_CUDA_ARCHS": "{major}{minor}"}
 ENV_KEYS = ("CUDA_HOME", "CUDA_PATH", "TRITON_PTXAS_PATH", *ARCH_KNOBS)
-TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -104,24 +103,6 @@ def parse_gpus(nvidia_smi: str | None) -> list[Gpu]:
         if len(parts) == 3 and re.fullmatch(r"\d+\.\d", parts[1]):
             gpus.append(Gpu(parts[0], ComputeCapability.parse(parts[1]), parts[2]))
     return gpus
-
-
-def parse_nvcc_version(text: str | None) -> tuple[int, ...] | None:
-    m = re.search(r"release \d+\.\d+, V(\d+)\.(\d+)\.(\d+)", text or "")
-    return tuple(int(x) for x in m.groups()) if m else None
-
-
-def parse_compiler_version(text: str | None) -> tuple[str, tuple[int, ...]] | None:
-    """('gcc', (12, 2, 0)) from 'g++ (Debian 12.2.0-14) 12.2.0'; clang likewise."""
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?\s*$", text or "") or re.search(r"(\d+)\.(\d+)\.(\d+)", text or "")
-    if not m:
-        return None
-    kind = "clang" if "clang" in (text or "") else "gcc"
-    return kind, tuple(int(x) for x in m.groups() if x is not None)
-
-
-def cuda_home_of(nvcc: str | None) -> str | None:
-    return str(Path(nvcc).parent.parent) if nvcc else None
 
 
 # ---- the analysis (pure) ---------------------------------------------------------------------------------
@@ -283,66 +264,6 @@ def analyse(probe: Probe) -> list[Finding]:
 
 
 # ---- probes (run commands; never raise) ----------------------------------------------------------------
-def _run(cmd: list[str]) -> tuple[str | None, str | None]:
-    """(stdout, None) or (None, why it failed)."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{cmd[0]}: {exc}"
-    if done.returncode != 0:
-        return None, f"{cmd[0]} exited {done.returncode}: {(done.stderr or done.stdout).strip()[:200]}"
-    return done.stdout, None
-
-
-def probe_nvidia_smi() -> tuple[str | None, str | None]:
-    if shutil.which("nvidia-smi") is None:
-        return None, "nvidia-smi not found"
-    return _run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
-
-
-def resolve_wrapper(path: str, depth: int = 5) -> str:
-    """Follow symlinks and shell wrappers (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) to the real nvcc."""
-    real = os.path.realpath(path)
-    if depth == 0:
-        return real
-    try:
-        with open(real, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return real
-    if not head.startswith(b"#!"):
-        return real
-    m = re.search(rb"exec\s+\"?(/[^\s\"]*/nvcc)\b", head)
-    return resolve_wrapper(m.group(1).decode(), depth - 1) if m and os.path.exists(m.group(1)) else real
-
-
-_TORCH_SCRIPT = """
-import json, torch
-d = {"version": torch.__version__, "cuda": torch.version.cuda, "available": torch.cuda.is_available(),
-     "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI)}
-arch = torch.cuda.get_arch_list() if d["cuda"] else []
-if not arch and d["cuda"] and hasattr(torch._C, "_cuda_getArchFlags"):
-    arch = (torch._C._cuda_getArchFlags() or "").split()
-d["arch_list"] = arch
-if d["available"]:
-    d["device_cc"] = "%d.%d" % torch.cuda.get_device_capability(0)
-print(json.dumps(d))
-"""
-
-
-def probe_torch() -> dict:
-    """In a child interpreter: a torch import that crashes must not take doctor down."""
-    if importlib.util.find_spec("torch") is None:
-        return {"error": "not installed"}
-    out, err = _run([sys.executable, "-c", _TORCH_SCRIPT])
-    if out is None:
-        return {"error": err}
-    try:
-        return json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": f"unexpected output: {out[:200]}"}
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -363,47 +284,35 @@ def probe_packages() -> tuple[PackageProbe, ...]:
     return tuple(found)
 
 
-def _first_line(cmd: list[str]) -> str | None:
-    out, _ = _run(cmd)
-    return out.splitlines()[0].strip() if out and out.strip() else None
+def probe_torch() -> dict:
+    """The machine probe's torch facts, spelled as doctor's recorded machines spell them."""
+    if importlib.util.find_spec("torch") is None:
+        return {"error": "not installed"}
+    facts = machine.torch_facts(sys.executable)
+    if "error" in facts:
+        return facts
+    out = {"version": facts["torch"], "cuda": facts["torch_cuda"], "available": facts["available"],
+           "cxx11_abi": facts["cxx11_abi"], "arch_list": facts["arch_list"]}
+    return {**out, **({"device_cc": facts["device_cc"]} if "device_cc" in facts else {})}
 
 
 def probe_machine() -> Probe:
-    smi, smi_error = probe_nvidia_smi()
+    smi, smi_error = machine.nvidia_smi()
     nvcc = shutil.which("nvcc")
-    nvcc_real = resolve_wrapper(nvcc) if nvcc else None
+    nvcc_real = str(machine.resolve_nvcc(Path(nvcc))) if nvcc else None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     env = {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
     ptxas = env.get("TRITON_PTXAS_PATH")
     env_home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
     return Probe(
         machine=platform.machine(), nvidia_smi=smi, nvidia_smi_error=smi_error,
-        nvcc_path=nvcc, nvcc_real=nvcc_real, nvcc_version=_run([nvcc_real, "--version"])[0] if nvcc_real else None,
+        nvcc_path=nvcc, nvcc_real=nvcc_real, nvcc_version=machine.run([nvcc_real, "--version"])[0] if nvcc_real else None,
         path_home_real=os.path.realpath(cuda_home_of(nvcc)) if nvcc else None,
         env_home_real=os.path.realpath(env_home) if env_home else None,
-        host_compiler=_first_line([compiler, "--version"]) if compiler else None,
+        host_compiler=machine.first_line([compiler, "--version"]) if compiler else None,
         torch=probe_torch(), triton_version=_version("triton"),
         triton_ptxas_exists=bool(ptxas and os.access(ptxas, os.X_OK)), env=env, packages=probe_packages(),
     )
-
-
-def detect_compute_capability() -> ComputeCapability | None:
-    """The first GPU's capability: nvidia-smi, else torch; None without a GPU. Never raises."""
-    try:
-        smi, _ = _run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]) \
-            if shutil.which("nvidia-smi") else (None, None)
-        for line in (smi or "").splitlines():
-            if re.fullmatch(r"\s*\d+\.\d\s*", line):
-                return ComputeCapability.parse(line)
-        driver_nodes = ("/dev/nvidiactl", "/dev/dxg")  # no driver node: torch cannot see a GPU either
-        if any(os.path.exists(n) for n in driver_nodes) and importlib.util.find_spec("torch") is not None:
-            import torch
-
-            if torch.cuda.is_available():
-                return ComputeCapability(*torch.cuda.get_device_capability(0))
-    except Exception:  # a probe: any failure means "unknown", never a crash
-        return None
-    return None
 
 
 # ---- rendering and command line ------------------------------------------------------------------------
@@ -451,12 +360,6 @@ def render(probe: Probe, findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("doctor", help="check this machine: GPU, CUDA, compiler, torch, installed kernels")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.set_defaults(func=run_doctor)
-
-
 def report(probe: Probe, as_json: bool) -> tuple[str, int]:
     """The text (or JSON) and exit status for a probe: 1 when a finding is blocking."""
     findings = analyse(probe)
@@ -465,9 +368,3 @@ def report(probe: Probe, as_json: bool) -> tuple[str, int]:
         return json.dumps({"probe": probe.to_dict(), "findings": [f.to_dict() for f in findings],
                            "packages": package_verdicts(probe), "ok": status == 0}, indent=2), status
     return render(probe, findings), status
-
-
-def run_doctor(args: argparse.Namespace) -> int:
-    text, status = report(probe_machine(), args.json)
-    print(text)
-    return status

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 from .bench import achieved, validate_results
 from .devices import DEVICES, find_device
@@ -220,7 +219,7 @@ def render_markdown(s: dict) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------------------
 def _figure(rows: int = 1, cols: int = 1, height: float = 4.0, width: float = 5.5):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state; PNG goes through Agg
+    from matplotlib.figure import Figure  # optional (the report extra); no pyplot: no global backend state
 
     fig = Figure(figsize=(width * cols, height), layout="constrained")
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
@@ -286,37 +285,3 @@ def write_report(results: str | Path, out_dir: str | Path, tests: str | Path | N
     for name, plot in plots:
         paths[name] = _save_png(plot(s), out / name)
     return paths
-
-
-def _cmd_report(args: Any) -> int:
-    paths = write_report(args.results, args.out, args.tests)
-    for name, path in paths.items():
-        print(f"wrote {path}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("report", help="turn GPU bench / kernel-test results into Markdown, JSON and PNG")
-    p.add_argument("results", help="bench.json written by python -m blackwheel.bench")
-    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
-    p.add_argument("--tests", help="JSON lines written by tests/gpu (BLACKWHEEL_RESULTS)")
-    p.set_defaults(func=_cmd_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blackwheel.gpu_report``: the report without the full CLI's imports."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m blackwheel.gpu_report")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        print(f"blackwheel report: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

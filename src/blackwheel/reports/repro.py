@@ -12,21 +12,22 @@ present GPU's arch, run on it, with the driver's exact error.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import subprocess
-import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..toolchain import toolchain as tc_mod
-from ..pipeline.build import BuildRequest, build_environment, gencode_flags, generate_build_file, job_plan, prepare_tree
+from ..builders.pip_wheel import gencode_flags, generate_build_file
+from ..pipeline.build import BuildRequest, build_environment, job_plan, prepare_tree
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, atomic_write_text
 from ..check.inspect import inspect_path
-from ..core.recipe import load_recipe, load_stack
+from ..core.recipe import load_recipe
 from ..core.targets import TARGETS, ComputeCapability
 from ..check.verify import compat_objects
 
@@ -61,8 +62,6 @@ def scenarios() -> list[Scenario]:
 
 def _python_error(log: Path) -> str | None:
     """The exception a setup.py died of (e.g. torch's arch detection with no GPU and no arch list)."""
-    import re
-
     found = re.findall(r"^\s*(\w+(?:Error|Exception): .+)$", log.read_text(errors="replace"), re.MULTILINE)
     return found[-1].strip() if found else None
 
@@ -202,39 +201,22 @@ def render_markdown(results: list[dict], runtime: dict | None, units: int, machi
     return "\n".join(lines) + "\n"
 
 
-def register(sub) -> None:
-    p = sub.add_parser("repro-1969", help="reproduce flash-attention issue #1969 and prove the fix")
-    p.add_argument("--out", type=Path, default=Path("docs/reports"), help="folder for repro-1969.{md,json}")
-    p.add_argument("--units", type=int, default=1, help=f"diagnostic compile units per scenario (0..{len(DIAGNOSTIC_UNITS)})")
-    p.add_argument("--stack", help="stack (default: the default stack)")
-    p.add_argument("--python", default=sys.executable)
-    p.add_argument("--name", default="repro-1969", help="report file name stem")
-    p.set_defaults(func=_cmd_repro)
-
-
-def _cmd_repro(args) -> int:
-    from .doctor import detect_compute_capability
-    from ..sources.fetch import Fetcher
-
-    if not 0 <= args.units <= len(DIAGNOSTIC_UNITS):
+def reproduce(stack, python: str, units: int, out: Path, name: str, fetcher, cc: ComputeCapability | None) -> str:
+    """Every scenario of #1969 on gb10's arch list, the runtime demo where a non-12.1 GPU is visible
+    (``cc``), and the report written to ``out/name.{json,md}``; returns the Markdown."""
+    if not 0 <= units <= len(DIAGNOSTIC_UNITS):
         raise UsageError(f"--units must be 0..{len(DIAGNOSTIC_UNITS)}")
-    stack = load_stack(args.stack)
-    req = BuildRequest(load_recipe("flash-attn"), stack, TARGETS["gb10"], python=args.python,
-                       fetcher=Fetcher.from_env())
-    toolchain = tc_mod.probe(args.python)
+    req = BuildRequest(load_recipe("flash-attn"), stack, TARGETS["gb10"], python=python, fetcher=fetcher)
+    toolchain = tc_mod.probe(python)
     tc_mod.check(toolchain, stack.torch, None, "flash-attn")
     work = Path(tempfile.mkdtemp(prefix="repro-1969-"))
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=3) as pool:   # independent trees; mostly waiting on subprocesses
-        results = list(pool.map(lambda sc: run_scenario(req, toolchain, sc, work, args.units), scenarios()))
-    cc = detect_compute_capability()
+        results = list(pool.map(lambda sc: run_scenario(req, toolchain, sc, work, units), scenarios()))
     runtime = runtime_demo(cc, toolchain.cuda_home, work / "runtime") if cc and cc != GB10 else None
     machine = f"{os.uname().machine}, {os.cpu_count()} cores, GPU {cc or 'none'}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{args.name}.json", {"scenarios": results, "runtime": runtime, "machine": machine})
-    md = render_markdown(results, runtime, args.units, machine)
-    atomic_write_text(args.out / f"{args.name}.md", md)
-    print(md)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{name}.json", {"scenarios": results, "runtime": runtime, "machine": machine})
+    md = render_markdown(results, runtime, units, machine)
+    atomic_write_text(out / f"{name}.md", md)
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return md

@@ -15,18 +15,18 @@ import fnmatch
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Mapping
 
 from ..core.errors import UsageError
-from ..core.fsutil import atomic_write_json
-from ..core.recipe import PROJECT_ROOT, Recipe, load_recipe, load_stack
-from ..sources.fetch import Fetcher, safe_extract
-from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
+from ..core.recipe import Recipe
+from ..sources.fetch import safe_extract
+from ..builders.flashinfer_aot import module_names, target_archs
+from .upstream_coverage import COVERAGE_ENV, REPORT_ENV, excluded
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -35,7 +35,7 @@ SRC_ROOT = Path(__file__).resolve().parents[2]     # so the test Python finds th
 
 def coverage_of(recipe: Recipe, kernel_set: str | None) -> dict:
     """``{file glob: {parameter: values}}`` of a kernel set and the sets it includes."""
-    sets = recipe.extra.get("kernel-sets", {})
+    sets = recipe.data.get("kernel-sets", {})
     if kernel_set is None:
         return {}
     if kernel_set not in sets:
@@ -135,37 +135,23 @@ def report_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- CLI -------------------------------------------------------------------------------------------
-def register(sub) -> None:
-    p = sub.add_parser("test-upstream", help="run a package's own test suite against the installed wheels")
-    p.add_argument("package")
-    p.add_argument("--stack", help="stack name (default: the default stack)")
-    p.add_argument("--kernels", dest="kernel_set", help="FlashInfer: the installed kernel set, whose coverage "
-                   "deselects what it does not hold (default: default)")
-    p.add_argument("--python", default=sys.executable, help="the Python the wheels are installed in")
-    p.add_argument("--out", type=Path, help="write the counts as JSON and Markdown into this folder")
-    p.add_argument("--offline", action="store_true", default=None)
-    p.add_argument("--mirror", help="mirror folder or source bundle")
-    p.add_argument("--only", nargs="+", default=[], metavar="GLOB", help="keep only these of the recipe's test files")
-    p.add_argument("--pytest-args", default="", metavar="ARGS",
-                   help="passed to pytest, one string (e.g. --pytest-args='-x -k norm')")
-    p.set_defaults(func=_cmd_test_upstream)
-
-
-def _cmd_test_upstream(args) -> int:
-    stack = load_stack(args.stack)
-    recipe = load_recipe(args.package)
-    if recipe.name not in stack.pins:
-        raise UsageError(f"stack {stack.name} pins no version of {recipe.name}")
-    kernel_set = args.kernel_set or ("default" if "kernel-sets" in recipe.extra else None)
-    work = Path(os.environ.get("BLACKWHEEL_WORKDIR", PROJECT_ROOT / "build")) / "upstream-tests" / recipe.name
-    result = run_upstream_tests(recipe, stack.pins[recipe.name], Fetcher.from_env(args.offline, args.mirror),
-                                work, args.python, kernel_set, shlex.split(args.pytest_args), args.only)
-    text = report_text(result)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.out / f"upstream-tests-{recipe.name}.json", result)
-        (args.out / f"upstream-tests-{recipe.name}.md").write_text(text + "\n")
-    totals = {k: sum(c.get(k, 0) for c in result["files"].values()) for k in ("failed", "skipped_missing_module")}
-    return 1 if totals["failed"] or totals["skipped_missing_module"] or result["pytest_exit"] not in (0, 5) else 0
+def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default") -> list[str]:
+    """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
+    target, one line each. A module outside the set is fine only when every test that asked for it
+    is excluded by the set's declared coverage (``exclude-tests``)."""
+    archs = target_archs(recipe, trace["target"])
+    held = set(module_names(recipe, set_name, archs))
+    sets = recipe.get("kernel-sets", {})
+    tables = [t for n in [*sets[set_name].get("include", []), set_name]
+              for t in sets[n].get("coverage", {}).items()]
+    gaps = []
+    for name, entry in trace.get("modules", {}).items():
+        if name in held:
+            continue
+        askers = entry.get("asked_by", [])
+        covered = [f"{f}::{t}" for f in entry.get("files", []) for t in askers
+                   if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
+        if not askers or covered:
+            gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
+                        f"is not in set {set_name!r} for {trace['target']}")
+    return gaps

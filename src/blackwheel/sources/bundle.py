@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import mirror as stores
-from ..core.errors import HashMismatch, SourceError, UsageError
+from ..core.errors import HashMismatch, SourceError
 from ..core.fsutil import atomic_write_json, disk_full, sha256_file
 
 FORMAT = "blackwheel-source-bundle/1"
@@ -245,48 +245,3 @@ def _unpack(path: Path, dest: Path) -> dict:
                 raise SourceError(f"{path}: pinned commits missing from the bundle: {', '.join(absent)}")
     atomic_write_json(dest / "bundle.json", meta)
     return meta
-
-
-# ---- CLI -------------------------------------------------------------------------------------------
-def register(sub) -> None:
-    from ..core.targets import DEFAULT_TARGET
-
-    p = sub.add_parser("bundle", help="write every pinned source of a stack and target into one file")
-    p.add_argument("packages", nargs="*", help="only these recipes (default: every package of the stack)")
-    p.add_argument("--stack", help="stack name (default: the default stack)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("-o", "--out", type=Path, required=True, help="the bundle file to write")
-    p.add_argument("--offline", action="store_true", default=None, help="read only the cache and mirror")
-    p.add_argument("--mirror", help="mirror folder or bundle to read sources from")
-    p.add_argument("--allow-absent", action="store_true", default=None,
-                   help="accept git trees whose store lacks some file contents (named in the bundle)")
-    p.add_argument("--with-tests", action="store_true",
-                   help="also upstream's own tests where they are a pinned tree of their own (test-upstream)")
-    p.set_defaults(func=_cmd_bundle)
-
-
-def _cmd_bundle(args) -> int:
-    from ..core.recipe import load_stack
-    from .fetch import Fetcher, stack_sources, stack_test_sources
-    from ..core.targets import resolve_target
-
-    stack = load_stack(args.stack)
-    target = resolve_target(args.target)
-    if args.out.is_dir():
-        raise UsageError(f"{args.out} is a folder; -o names the bundle file to write")
-    fetcher = Fetcher.from_env(args.offline, args.mirror, args.allow_absent)
-    sources = stack_sources(stack, target, args.packages or None)
-    if args.with_tests:
-        sources += stack_test_sources(stack, args.packages or None)
-    missing, _ = fetcher.check(sources) if fetcher.offline else ([], [])
-    if missing:   # offline: refuse before any work, naming everything absent
-        raise SourceError(f"cannot bundle {stack.name} / {target.name}: missing {'; '.join(missing)}")
-    summary = write_bundle(sources, fetcher, args.out,
-                           {"stack": stack.name, "target": target.name,
-                            "packages": args.packages or sorted(stack.pins)})
-    for note in summary["notes"]:
-        print(f"note: {note}")
-    mib = 2**20
-    print(f"wrote {args.out}: {summary['sources']} sources, {summary['bytes'] / mib:.1f} MiB "
-          f"(separate archives: {summary['separate_bytes'] / mib:.1f} MiB, ratio {summary['ratio']})")
-    return 0

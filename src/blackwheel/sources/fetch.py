@@ -43,70 +43,21 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 from . import mirror as stores
-from ..core.targets import DEFAULT_TARGET
+from .bundle import open_bundle
+from ..core.recipe import load_recipe
+from ..core.settings import Settings
+from ..core.source import Source
 from ..core.errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive, UsageError
 from ..core.fsutil import atomic_write_json, disk_full, sha256_file, tree_sha256
 
-GIT_COMMIT_LEN = 40
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One pinned input of a build: an sdist, a git tree or an archive."""
-
-    name: str
-    kind: str                      # "pypi" | "git" | "url"
-    sha256: str                    # archive hash (pypi, url) or tree_sha256 (git; "" = by commit only)
-    pypi: str | None = None        # distribution name (pypi)
-    version: str | None = None     # version (pypi)
-    url: str | None = None         # repository URL (git) or archive URL (url)
-    commit: str | None = None      # full commit id (git)
-    submodules: bool = False       # git: check out submodules at their recorded commits
-    submodule_paths: tuple[str, ...] = ()  # git: only these submodules (empty: all, when submodules)
-    role: str = "sdist"            # "sdist" | "resource"
-    env: str | None = None         # resource: the variable that points the build at it
-    dest: str | None = None        # resource: a path inside the main tree to place it at instead
-    defined_in: str | None = None  # resource: where upstream defines this pin
-    when: dict = field(default_factory=dict, hash=False, compare=False)
-    optional: str | None = None    # resource: what the build lacks without it (it may be missing)
-
-    @property
-    def pinned(self) -> bool:
-        """Archives need a sha256; a git resource is pinned by its commit alone."""
-        return self.kind == "git" or bool(_HEX64.fullmatch(self.sha256))
-
-    @property
-    def submodule_spec(self):
-        """``submodules`` as the recipe wrote it: False, True (all recorded) or a list of paths."""
-        return list(self.submodule_paths) if self.submodule_paths else self.submodules
-
-    @property
-    def label(self) -> str:
-        if self.kind == "pypi":
-            return f"{self.pypi}=={self.version} (sdist)"
-        if self.kind == "git":
-            return f"{self.name} {self.url}@{self.commit}"
-        return f"{self.name} {self.url}"
-
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "sha256": self.sha256, "role": self.role}
-        if self.kind == "git" and self.submodule_spec:
-            d["submodules"] = self.submodule_spec
-        for key in ("pypi", "version", "url", "commit", "env", "dest"):
-            if getattr(self, key):
-                d[key] = getattr(self, key)
-        return d
-
-
 # ---- the cache and the mirror ----------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("BLACKWHEEL_CACHE", Path.home() / ".cache" / "blackwheel"))
+    return Settings.from_env().cache
 
 
 @dataclass(frozen=True)
@@ -124,20 +75,20 @@ class Fetcher:
     allow_absent: bool = False
 
     @classmethod
+    def from_settings(cls, settings: Settings) -> "Fetcher":
+        return cls(settings.cache, settings.mirror, settings.offline, settings.allow_absent)
+
+    @classmethod
     def from_env(cls, offline: bool | None = None, mirror: str | None = None,
                  allow_absent: bool | None = None) -> "Fetcher":
-        mirror = mirror or os.environ.get("BLACKWHEEL_MIRROR")
-        if offline is None:
-            offline = os.environ.get("BLACKWHEEL_OFFLINE", "") not in ("", "0")
-        if allow_absent is None:
-            allow_absent = os.environ.get("BLACKWHEEL_ALLOW_ABSENT", "") not in ("", "0")
-        return cls(default_cache_dir(), Path(mirror) if mirror else None, offline, allow_absent)
+        """The environment's settings, with these options over them (a library caller's default)."""
+        return cls.from_settings(Settings.from_env().with_options(offline=offline, mirror=mirror or None,
+                                                                   allow_absent=allow_absent))
 
     # -- the mirror: a folder, or a bundle file unpacked (verified) into the cache once
     def _bundle(self):
         if self.mirror is None or not self.mirror.is_file():
             return None
-        from .bundle import open_bundle
         return open_bundle(self.mirror, self.cache)
 
     def _mirror_dir(self) -> Path | None:
@@ -418,7 +369,7 @@ def pip_index_urls() -> list[str]:
         conf[key.split(".", 1)[-1]] = value.strip().strip("'\"")
     primary = os.environ.get("PIP_INDEX_URL") or conf.get("index-url")
     if not primary:
-        from pip._internal.models.index import PyPI  # pip's default index, not ours
+        from pip._internal.models.index import PyPI  # pip's default index, not ours; pip is imported only here
         primary = PyPI.simple_url
     extra = (os.environ.get("PIP_EXTRA_INDEX_URL") or conf.get("extra-index-url", "")).split()
     return [primary, *extra]
@@ -535,24 +486,8 @@ def _check_member_path(member: str, archive: Path) -> None:
         raise UnsafeArchive(f"{archive.name}: refused unsafe member {member!r}")
 
 
-# ---- CLI -------------------------------------------------------------------------------------------
-def register(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch and verify every source of a stack (or one package)")
-    p.add_argument("package", nargs="?", help="one recipe (default: all of the stack)")
-    p.add_argument("--stack", help="stack name (default: the default stack)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--offline", action="store_true", default=None, help="read only the cache and mirror")
-    p.add_argument("--mirror", help="mirror folder or source bundle file, for air-gapped hosts")
-    p.add_argument("--allow-absent", action="store_true", default=None,
-                   help="accept git trees whose store lacks some file contents (recorded in the manifest)")
-    p.add_argument("--check", action="store_true", help="only list what is missing; fetch nothing")
-    p.set_defaults(func=_cmd_fetch)
-
-
 def stack_sources(stack, target, packages=None) -> list[Source]:
     """Every source (sdists and the resources the target uses) of the stack's packages, deduplicated."""
-    from ..core.recipe import load_recipe
-
     out: dict[tuple, Source] = {}
     for name in packages or list(stack.pins):
         if not stack.pins.get(name):
@@ -565,34 +500,9 @@ def stack_sources(stack, target, packages=None) -> list[Source]:
 
 def stack_test_sources(stack, packages=None) -> list[Source]:
     """The pinned trees of upstream tests (``[versions.tests]`` with a source) of the stack's packages."""
-    from ..core.recipe import load_recipe
-
     out = []
     for name in packages or list(stack.pins):
         tests = load_recipe(name).version(stack.pins[name]).tests
         if tests is not None and tests.source is not None:
             out.append(tests.source)
     return out
-
-
-def _cmd_fetch(args) -> int:
-    from ..core.recipe import load_stack
-    from ..core.targets import resolve_target
-
-    stack = load_stack(args.stack)
-    target = resolve_target(args.target)
-    fetcher = Fetcher.from_env(args.offline, args.mirror, args.allow_absent)
-    sources = stack_sources(stack, target, [args.package] if args.package else None)
-    if args.check:
-        missing, notes = fetcher.check(sources)
-        for line in missing:
-            print(f"missing: {line}")
-        for line in notes:
-            print(f"note: {line}")
-        print(f"{len(sources) - len(missing) - len(notes)} of {len(sources)} sources present "
-              f"for {stack.name} / {target.name}")
-        return 1 if missing else 0
-    for src in sources:
-        path, note = fetcher.fetch_optional(src)
-        print(f"note: {note}" if note else f"ok  {src.label}  {path}")
-    return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..core.errors import PatchError, RecipeError
 from ..core.fsutil import sha256_file
+from .fetch import safe_extract
 
 HEADER_FIELDS = ("Why", "Upstream", "Applies-when")
 _FAILED = re.compile(r"patch failed: (?P<file>.+?):(?P<line>\d+)")
@@ -103,17 +104,9 @@ def apply_series(patches, tree: Path, check: bool = False) -> list[dict]:
     return applied
 
 
-# ---- CLI: check every patch of every stack against its pinned source ----------------------------------
-def register(sub) -> None:
-    p = sub.add_parser("patches", help="check that every patch of every stack applies to its pinned source")
-    p.add_argument("--stack", action="append", help="only these stacks (default: all)")
-    p.set_defaults(func=_cmd_patches)
-
-
+# ---- every patch of a stack against its pinned source ----------------------------------------------
 def check_stack_patches(stack, fetcher, workdir: Path) -> list[str]:
     """Apply each recipe's patches (all targets) to a fresh extraction of its pinned sdist."""
-    from .fetch import safe_extract
-
     lines = []
     for recipe in stack.recipes():
         rv = recipe.version(stack.pins[recipe.name])
@@ -125,17 +118,3 @@ def check_stack_patches(stack, fetcher, workdir: Path) -> list[str]:
         apply_series(wanted, tree)
         lines.append(f"{stack.name}: {recipe.name} {rv.version}: {len(wanted)} patch(es) apply")
     return lines
-
-
-def _cmd_patches(args) -> int:
-    import tempfile
-
-    from ..core.recipe import load_stack, stack_names
-    from .fetch import Fetcher
-
-    fetcher = Fetcher.from_env()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.stack or stack_names():
-            for line in check_stack_patches(load_stack(name), fetcher, Path(tmp)):
-                print(line)
-    return 0

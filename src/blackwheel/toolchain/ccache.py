@@ -46,6 +46,7 @@ from typing import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..core.errors import ToolchainError, UsageError
+from ..core.targets import parse_arch_list
 from ..core.fsutil import atomic_write_text
 from .interrupt import descendants, end_processes
 
@@ -475,8 +476,6 @@ def arch_delta_plan(old_archs, new_archs, builder: str) -> str:
     whole-command key misses), each unit only recompiles the added arches' device code and
     its host pass; the kept arches come back from the cache.
     """
-    from ..core.targets import parse_arch_list
-
     if builder not in BUILDERS:
         raise UsageError(f"unknown builder {builder!r}: expected one of {', '.join(BUILDERS)}")
     old, new = parse_arch_list(old_archs), parse_arch_list(new_archs)

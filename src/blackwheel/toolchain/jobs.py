@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UsageError
-from .memgate import available_memory_bytes
+from .memgate import MAX_WAIT_ENV, MIN_BYTES_ENV, available_memory_bytes
 
 GIB = 1 << 30
 DEFAULT_RESERVE = 2 * GIB  # the OS, pip, ninja and the linker at the end
@@ -66,8 +66,6 @@ def memgate_env(plan: JobPlan, unit_mem_bytes: int, max_wait_s: int = 30 * 60) -
     A unit starts only while one more job's modelled memory is free: the plan's job count is
     the ceiling, the gate lowers it when the host is busier than the plan assumed.
     """
-    from .memgate import MAX_WAIT_ENV, MIN_BYTES_ENV
-
     return {MIN_BYTES_ENV: str(job_memory(unit_mem_bytes, plan.nvcc_threads)),
             MAX_WAIT_ENV: str(max_wait_s)}
 

@@ -17,6 +17,7 @@ of the times.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -459,8 +460,6 @@ def _build_dir_of(args: list[str]) -> Path:
 
 
 def _load_times(path: str | None) -> dict[str, float]:
-    import json
-
     if not path or not Path(path).is_file():
         return {}
     return {str(k): float(v) for k, v in json.loads(Path(path).read_text()).items()}

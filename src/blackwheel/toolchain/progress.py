@@ -49,7 +49,7 @@ def affinity_rss(cpus: frozenset[int]) -> int:
     A build started from a thread pinned to its own CPUs passes them to every process it starts,
     compilers run by an sccache server included (the server inherits them too).
     """
-    import psutil
+    import psutil  # optional (the build extra): only a pinned build measures its own processes
 
     total = 0
     for proc in psutil.process_iter(["cpu_affinity", "memory_info"]):
@@ -125,6 +125,7 @@ class Progress:
         self._last_print = 0.0
         self._bar = None
         if self.live:
+            # rich draws the bar only on a live terminal; a logged build never pays for importing it
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, \
                 TimeElapsedColumn, TimeRemainingColumn
 

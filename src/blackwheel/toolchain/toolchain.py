@@ -16,7 +16,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,21 +24,9 @@ from packaging.version import Version
 
 from ..core.errors import ToolchainError
 from ..core.fsutil import atomic_write_json
+from . import machine
 
-REQUIRED_CUDA_MAJOR = 13
-_EXEC_LINE = re.compile(r"""^\s*exec\s+["']?(?P<path>[^\s"']*nvcc)\b""", re.MULTILINE)
-
-
-def resolve_nvcc(path: Path, depth: int = 0) -> Path:
-    """The real nvcc behind ``path``: follows symlinks and ``exec /x/bin/nvcc "$@"`` wrappers."""
-    real = path.resolve()
-    if depth < 4 and real.is_file() and real.stat().st_size < 64 * 1024:
-        head = real.read_bytes()[:64 * 1024]
-        if head.startswith(b"#!"):
-            m = _EXEC_LINE.search(head.decode("utf-8", "replace"))
-            if m and Path(m.group("path")).is_absolute():
-                return resolve_nvcc(Path(m.group("path")), depth + 1)
-    return real
+REQUIRED_CUDA_MAJOR = machine.CUDA_MAJOR
 
 
 def find_cuda_home(env: dict | None = None) -> tuple[Path, str]:
@@ -53,9 +40,9 @@ def find_cuda_home(env: dict | None = None) -> tuple[Path, str]:
             raise ToolchainError(f"${var}={home} has no bin/nvcc; point it at a CUDA 13 toolkit")
     on_path = shutil.which("nvcc", path=env.get("PATH"))
     if on_path:
-        real = resolve_nvcc(Path(on_path))
+        real = machine.resolve_nvcc(Path(on_path))
         # a wrapper script we could not follow is not a toolkit: its folder's parent has no CUDA
-        if real.parent.name == "bin" and not _is_unfollowed_wrapper(real):
+        if real.parent.name == "bin" and not machine.is_unfollowed_wrapper(real):
             how = "nvcc on PATH" + (f" (wrapper {on_path} -> {real})" if real != Path(on_path) else "")
             return real.parent.parent, how
     default = Path("/usr/local/cuda")
@@ -64,47 +51,24 @@ def find_cuda_home(env: dict | None = None) -> tuple[Path, str]:
     raise ToolchainError("no nvcc found: install the CUDA 13 toolkit or set CUDA_HOME")
 
 
-def _is_unfollowed_wrapper(path: Path) -> bool:
-    """A script that still execs some other nvcc (``exec ccache /x/nvcc``, ``exec "$CUDA/bin/nvcc"``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64 * 1024)
-    except OSError:
-        return False
-    return head.startswith(b"#!") and re.search(rb"(?m)^\s*exec\b.*nvcc", head) is not None
-
-
 def nvcc_version(cuda_home: Path) -> str:
-    out = _output([str(cuda_home / "bin" / "nvcc"), "--version"])
-    m = re.search(r"V(\d+\.\d+\.\d+)", out) or re.search(r"release (\d+\.\d+)", out)
-    if not m:
+    version = machine.parse_nvcc_version(machine.output([str(cuda_home / "bin" / "nvcc"), "--version"]))
+    if version is None:
         raise ToolchainError(f"cannot read the version of {cuda_home}/bin/nvcc")
-    return m.group(1)
+    return ".".join(map(str, version))
 
 
 def host_compiler(env: dict | None = None) -> tuple[str, str]:
     """(name, version) of the C++ compiler a build will use (CXX, else c++ / g++)."""
     env = os.environ if env is None else env
     cxx = (env.get("CXX") or "c++").split()[-1]
-    out = _output([cxx, "--version"])
-    first = out.splitlines()[0] if out else ""
-    m = re.search(r"(\d+\.\d+(?:\.\d+)?)\s*$", first) or re.search(r"(\d+\.\d+\.\d+)", first)
-    name = "clang" if "clang" in first else "gcc"
-    if not m:
+    parsed = machine.parse_compiler_version(machine.compiler_banner(cxx))
+    if parsed is None:
         raise ToolchainError(f"cannot read the version of host compiler {cxx!r}")
-    return name, m.group(1)
+    return parsed[0], ".".join(map(str, parsed[1]))
 
 
-_TORCH_PROBE = """
-import json, sys, sysconfig, torch
-print(json.dumps({
-  "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-  "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
-  "arch_list": list(torch._C._cuda_getArchFlags().split()) if torch.version.cuda else [],
-  "python": sys.version.split()[0], "platform": sysconfig.get_platform(),
-  "purelib": sysconfig.get_paths()["purelib"],
-}))
-"""
+_TORCH_PROBE = machine.TORCH_SCRIPT   # the one torch probe (doctor runs it too)
 
 
 # What identifies a torch install without importing it (importing takes seconds): the interpreter,
@@ -247,18 +211,7 @@ def build_env(tc: Toolchain, base: dict | None = None) -> dict[str, str]:
     return env
 
 
-def python_tag() -> str:
-    return f"cp{sysconfig.get_python_version().replace('.', '')}"
-
-
-def _output(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def _version_of(cmd: list[str]) -> str | None:
-    out = _output(cmd)
+    out = machine.output(cmd)
     m = re.search(r"(\d+\.\d+(?:\.\d+)?)", out)
     return m.group(1) if m else None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from blackwheel.builders import flashinfer_aot as fa
+from blackwheel.reports.upstream_tests import trace_gaps
 from blackwheel.core.recipe import recipes_dir
 
 RECIPE = tomllib.loads((recipes_dir() / "flashinfer.toml").read_text())
@@ -23,20 +24,20 @@ def test_there_are_traces_for_hopper_and_gb10():
 def test_every_traced_module_is_in_the_default_set(path: Path):
     trace = json.loads(path.read_text())
     assert trace["version"] in [v["version"] for v in RECIPE["versions"]]
-    assert fa.trace_gaps(RECIPE, trace) == []
+    assert trace_gaps(RECIPE, trace) == []
 
 
 def test_a_module_the_set_lacks_is_a_gap_unless_its_tests_are_excluded():
     base = {"target": "hopper", "modules": {}}
     lacking = {"files": ["tests/attention/test_batch_prefill_kernels.py"], "asked_by": ["test_batch_prefill_x"]}
-    gaps = fa.trace_gaps(RECIPE, {**base, "modules": {"fp4_quantization_90": lacking}})
+    gaps = trace_gaps(RECIPE, {**base, "modules": {"fp4_quantization_90": lacking}})
     assert len(gaps) == 1 and "fp4_quantization_90" in gaps[0] and "test_batch_prefill_x" in gaps[0]
     excluded = {**lacking, "asked_by": ["test_batch_prefill_with_paged_kv_cache_nvfp4"]}
-    assert fa.trace_gaps(RECIPE, {**base, "modules": {"fp4_quantization_90": excluded}}) == []
+    assert trace_gaps(RECIPE, {**base, "modules": {"fp4_quantization_90": excluded}}) == []
     # a hit the set lacks, with no test named: always a gap (an FA3 module is not in the gb10 set)
     sm90 = fa.module_names(RECIPE, "default", fa.target_archs(RECIPE, "hopper"))
     fa3 = next(n for n in sm90 if n.endswith("_sm90"))
-    assert fa.trace_gaps(RECIPE, {"target": "gb10", "modules": {fa3: {"files": ["tests/x.py"]}}})
+    assert trace_gaps(RECIPE, {"target": "gb10", "modules": {fa3: {"files": ["tests/x.py"]}}})
 
 
 def test_names_follow_flashinfer_spelling():
