@@ -458,12 +458,6 @@ def stats(sccache_bin: str | os.PathLike, env: Mapping[str, str]) -> dict:
     return parse_stats(_sccache(sccache_bin, env, "--show-stats", "--stats-format", "json"))
 
 
-def sccache_version(sccache_bin: str | os.PathLike) -> str:
-    out = subprocess.run([str(sccache_bin), "--version"], capture_output=True, text=True).stdout
-    return out.split()[-1] if out.strip() else "unknown"
-
-
-# ---- adding an arch to a finished build ------------------------------------------------------
 BUILDERS = ("torch-ext", "cmake")
 
 
