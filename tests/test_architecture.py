@@ -6,6 +6,7 @@ import ast
 import re
 from pathlib import Path
 
+import grimp
 from importlinter.cli import lint_imports
 
 from blackwheel.core.settings import ENV_VARS, env_table
@@ -19,6 +20,26 @@ LATE_IMPORTS_ALLOWED = {"torch", "matplotlib", "rich", "psutil", "keyring", "pip
 def test_the_stage_layers_hold():
     """``lint-imports`` with pyproject.toml's contract: no stage imports one above it, no cycle between stages."""
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_no_module_imports_itself_through_others():
+    """No cycle between modules either (the layers above only see between stages)."""
+    graph = grimp.build_graph("blackwheel")
+    cycles = []
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        for nxt in sorted(graph.find_modules_directly_imported_by(module)):
+            if nxt in path:
+                cycles.append(" -> ".join(path[path.index(nxt):] + (nxt,)))
+            elif nxt not in done:
+                visit(nxt, path + (nxt,))
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph.modules):
+        if module not in done:
+            visit(module, (module,))
+    assert cycles == []
 
 
 def _late_imports(path: Path):

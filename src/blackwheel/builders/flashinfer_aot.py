@@ -388,7 +388,7 @@ def generate_specs(src_dir: Path, requests: Sequence[ModuleRequest], env: Mappin
 # ---- 3. compile (resumable) --------------------------------------------------------------------
 def plan_jobs(unit_gib: float = DEFAULT_UNIT_GIB, cores: int | None = None,
               avail_bytes: int | None = None) -> tuple[int, str]:
-    """(parallel nvcc jobs, why): blackwheel.jobs' rule for this machine's cores and free memory.
+    """(parallel nvcc jobs, why): toolchain.jobs' rule for this machine's cores and free memory.
 
     nvcc threads stay at 1 (the recipe's FLASHINFER_NVCC_THREADS): they are written into each
     module's build.ninja, so a different count would change every module's key and defeat resume.
@@ -582,7 +582,7 @@ def _write_grafted(base_wheel: Path, tmp: Path, modules: Sequence[AotModule], li
         dst.writestr(f"{new_info}/RECORD", buf.getvalue())
 
 
-# ---- the builder: what build.py calls --------------------------------------------------------------
+# ---- one AOT build: what it is asked and what it made -----------------------------------------------
 @dataclass(frozen=True)
 class AotRequest:
     """Everything one FlashInfer AOT build needs; ``build`` validates it before compiling."""
@@ -599,7 +599,7 @@ class AotRequest:
     jobs: int | None = None            # default: plan_jobs(recipe [aot].unit-memory-gib)
     local_version: str | None = None   # e.g. "cu130.sm121" -> flashinfer_python-0.6.13+cu130.sm121
     source_key: str | None = None      # e.g. the patched tree's sha256; default: hash of csrc/ + include/
-    base_env: Mapping | None = None    # build.py's environment (toolchain, PATH); default os.environ
+    base_env: Mapping | None = None    # the pipeline's environment (toolchain, PATH); default os.environ
 
 
 @dataclass

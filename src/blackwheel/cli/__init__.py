@@ -37,6 +37,10 @@ COMMANDS = {
     "bench": ("reports", "kernel throughput against this GPU's measured ceilings and torch references"),
     "bench-build": ("reports", "build speed: ours against upstream's own command, same machine, same run"),
 }
+# The order ``blackwheel --help`` lists them in (the epilog above keeps the order of COMMANDS).
+LISTED = ("build", "build-all", "build-requires", "plan", "fetch", "bundle", "patches", "inspect", "verify",
+          "compat", "doctor", "repro-1969", "publish", "provenance", "smoke-install", "report", "test-upstream",
+          "bench", "bench-build")
 # Commands whose one-line errors have always named them (scripts read them).
 ERROR_PREFIX = {"bench": "blackwheel bench"}
 
@@ -49,9 +53,8 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = [COMMANDS[command][0]] if command in COMMANDS else dict.fromkeys(m for m, _ in COMMANDS.values())
-    for name in modules:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+    for name in [command] if command in COMMANDS else LISTED:
+        importlib.import_module(f"{__name__}.{COMMANDS[name][0]}").PARSERS[name](sub)
     return parser
 
 

@@ -28,12 +28,15 @@ def _common(p) -> None:
                    help="turn a recipe variant on or off, e.g. vllm's fa3=off (see `blackwheel recipes`)")
 
 
-def register(sub) -> None:
+def _build_parser(sub) -> None:
     p = sub.add_parser("build", help="build one package of a stack for a target")
     p.add_argument("package")
     p.add_argument("--force", action="store_true", help="rebuild even if an identical wheel exists")
     _common(p)
     p.set_defaults(func=cmd_build)
+
+
+def _build_all_parser(sub) -> None:
     p = sub.add_parser("build-all", help="build every package of a stack, in dependency order")
     p.add_argument("--force", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="a failed package does not stop the others")
@@ -41,11 +44,17 @@ def register(sub) -> None:
                    help="build the packages one after another instead of at once on one job budget")
     _common(p)
     p.set_defaults(func=cmd_build_all)
+
+
+def _build_requires_parser(sub) -> None:
     p = sub.add_parser("build-requires", help="what each package's own build needs in the build Python")
     p.add_argument("packages", nargs="*", help="recipes (default: every package of the stack)")
     p.add_argument("--install", action="store_true", help="pip install --upgrade what the build Python lacks")
     _common(p)
     p.set_defaults(func=cmd_build_requires)
+
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show the arch flags a build would use, compiling nothing")
     p.add_argument("package")
     p.add_argument("--out", type=Path, help="where to keep the generated build file")
@@ -111,3 +120,17 @@ def cmd_plan(args) -> int:
     out = args.out or (req.workdir / "plans" / f"{recipe.name}-{req.target.name}.ninja")
     print(plan_package(req, out))
     return 0
+
+
+PARSERS = {
+    "build": _build_parser,
+    "build-all": _build_all_parser,
+    "build-requires": _build_requires_parser,
+    "plan": _plan_parser,
+}
+
+
+def register(sub) -> None:
+    """Every command of this module, in its order."""
+    for add in PARSERS.values():
+        add(sub)

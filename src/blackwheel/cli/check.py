@@ -11,12 +11,15 @@ from ..core.targets import TARGET_NAMES, ComputeCapability, CudaArch, parse_arch
 from .common import target_of
 
 
-def register(sub) -> None:
+def _inspect_parser(sub) -> None:
     p = sub.add_parser(
         "inspect", help="list the cubins and PTX (per arch) in a wheel, .so, .o, folder or installed package")
     p.add_argument("path", metavar="PATH", help="wheel, ELF file, folder or installed distribution name")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
+
+
+def _verify_parser(sub) -> None:
     v = sub.add_parser("verify", help="fail unless every CUDA object runs natively on each target device")
     v.add_argument("paths", nargs="+", metavar="PATH", help="wheel, ELF file, folder or installed package")
     v.add_argument("--target", required=True, metavar="T", help=f"one of: {', '.join(TARGET_NAMES)}")
@@ -24,6 +27,9 @@ def register(sub) -> None:
                    help="objects matching GLOB must carry these cubins, e.g. '*_C.abi3.so=12.1a'")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
     v.set_defaults(func=cmd_verify)
+
+
+def _compat_parser(sub) -> None:
     c = sub.add_parser("compat", help="per CUDA object: native, ptx-jit or none on a compute capability")
     c.add_argument("path", metavar="PATH", help="wheel, ELF file, folder or installed package")
     c.add_argument("--cc", required=True, help="compute capability of the device, e.g. 12.1")
@@ -62,3 +68,16 @@ def cmd_compat(args) -> int:
     else:
         print("\n".join(e.render_text() for e in entries) or f"{args.path}: no CUDA code")
     return 1 if any(e.verdict == "none" for e in entries) or not entries else 0
+
+
+PARSERS = {
+    "inspect": _inspect_parser,
+    "verify": _verify_parser,
+    "compat": _compat_parser,
+}
+
+
+def register(sub) -> None:
+    """Every command of this module, in its order."""
+    for add in PARSERS.values():
+        add(sub)

@@ -14,7 +14,7 @@ from ..release.wheelhouse import wheels
 from .common import settings
 
 
-def register(sub) -> None:
+def _publish_parser(sub) -> None:
     p = sub.add_parser("publish", help="write the static index of the wheelhouse, or upload to an index (--to)")
     p.add_argument("--wheelhouse",
                    help="folder of <stack>/<target>/*.whl (default: $BLACKWHEEL_WHEELHOUSE or ./wheelhouse)")
@@ -27,10 +27,16 @@ def register(sub) -> None:
     p.add_argument("--allow-unverified", action="store_true",
                    help="also publish wheels without a manifest or whose verify failed")
     p.set_defaults(func=cmd_publish)
+
+
+def _provenance_parser(sub) -> None:
     q = sub.add_parser("provenance", help="where every byte of a wheel came from (from its manifest)")
     q.add_argument("wheel", help="path to a .whl")
     q.add_argument("--wheelhouse", help="where to look for its manifest by sha256 (default as for publish)")
     q.set_defaults(func=cmd_provenance)
+
+
+def _smoke_install_parser(sub) -> None:
     r = sub.add_parser("smoke-install", help="install packages from an index into a fresh venv and import them")
     r.add_argument("packages", nargs="*", help="requirements (default: every package of the stack's wheelhouse)")
     r.add_argument("--index-url", required=True, help="the index to install from (file:// or http(s)://)")
@@ -75,3 +81,16 @@ def cmd_smoke_install(args) -> int:
 def cmd_provenance(args) -> int:
     print(provenance(Path(args.wheel), settings(args).wheelhouse))
     return 0
+
+
+PARSERS = {
+    "publish": _publish_parser,
+    "provenance": _provenance_parser,
+    "smoke-install": _smoke_install_parser,
+}
+
+
+def register(sub) -> None:
+    """Every command of this module, in its order."""
+    for add in PARSERS.values():
+        add(sub)

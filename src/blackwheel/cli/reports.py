@@ -18,10 +18,13 @@ from ..toolchain.machine import detect_compute_capability
 from .common import fetcher_of, pinned, settings, target_of
 
 
-def register(sub) -> None:
+def _doctor_parser(sub) -> None:
     p = sub.add_parser("doctor", help="check this machine: GPU, CUDA, compiler, torch, installed kernels")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_doctor)
+
+
+def _repro_parser(sub) -> None:
     p = sub.add_parser("repro-1969", help="reproduce flash-attention issue #1969 and prove the fix")
     p.add_argument("--out", type=Path, default=Path("docs/reports"), help="folder for repro-1969.{md,json}")
     p.add_argument("--units", type=int, default=1,
@@ -30,14 +33,14 @@ def register(sub) -> None:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--name", default="repro-1969", help="report file name stem")
     p.set_defaults(func=cmd_repro)
+
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="turn GPU bench / kernel-test results into Markdown, JSON and PNG")
     p.add_argument("results", help="bench.json written by blackwheel bench")
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
     p.add_argument("--tests", help="JSON lines written by tests/gpu (BLACKWHEEL_RESULTS)")
     p.set_defaults(func=cmd_report)
-    _register_test_upstream(sub)
-    _register_bench(sub)
-    _register_bench_build(sub)
 
 
 def cmd_doctor(args) -> int:
@@ -60,7 +63,7 @@ def cmd_report(args) -> int:
 
 
 # ---- test-upstream ------------------------------------------------------------------------------------
-def _register_test_upstream(sub) -> None:
+def _test_upstream_parser(sub) -> None:
     p = sub.add_parser("test-upstream", help="run a package's own test suite against the installed wheels")
     p.add_argument("package")
     p.add_argument("--stack", help="stack name (default: the default stack)")
@@ -95,7 +98,7 @@ def cmd_test_upstream(args) -> int:
 
 
 # ---- bench, bench-build --------------------------------------------------------------------------------
-def _register_bench(sub) -> None:
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="kernel throughput against this GPU's measured ceilings and torch",
                        description=bench.__doc__.splitlines()[0])
     p.add_argument("--out", help="folder for bench.json")
@@ -119,7 +122,7 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
-def _register_bench_build(sub) -> None:
+def _bench_build_parser(sub) -> None:
     p = sub.add_parser("bench-build", help="build speed: ours against upstream's own command, same run",
                        description="Build-speed benchmark: our build against upstream's own command, same "
                                    "machine, same run.")
@@ -142,3 +145,19 @@ def cmd_bench_build(args) -> int:
                        workdir=settings(args).workdir, fetcher=fetcher_of(args))
     print(bench_build(req, args.out, args.units, args.cores, args.together, args.touch, args.ours_only))
     return 0
+
+
+PARSERS = {
+    "doctor": _doctor_parser,
+    "repro-1969": _repro_parser,
+    "report": _report_parser,
+    "test-upstream": _test_upstream_parser,
+    "bench": _bench_parser,
+    "bench-build": _bench_build_parser,
+}
+
+
+def register(sub) -> None:
+    """Every command of this module, in its order."""
+    for add in PARSERS.values():
+        add(sub)

@@ -14,7 +14,7 @@ from ..sources.patch import check_stack_patches
 from .common import fetcher_of, target_of
 
 
-def register(sub) -> None:
+def _fetch_parser(sub) -> None:
     p = sub.add_parser("fetch", help="fetch and verify every source of a stack (or one package)")
     p.add_argument("package", nargs="?", help="one recipe (default: all of the stack)")
     p.add_argument("--stack", help="stack name (default: the default stack)")
@@ -25,6 +25,9 @@ def register(sub) -> None:
                    help="accept git trees whose store lacks some file contents (recorded in the manifest)")
     p.add_argument("--check", action="store_true", help="only list what is missing; fetch nothing")
     p.set_defaults(func=cmd_fetch)
+
+
+def _bundle_parser(sub) -> None:
     p = sub.add_parser("bundle", help="write every pinned source of a stack and target into one file")
     p.add_argument("packages", nargs="*", help="only these recipes (default: every package of the stack)")
     p.add_argument("--stack", help="stack name (default: the default stack)")
@@ -37,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--with-tests", action="store_true",
                    help="also upstream's own tests where they are a pinned tree of their own (test-upstream)")
     p.set_defaults(func=cmd_bundle)
+
+
+def _patches_parser(sub) -> None:
     p = sub.add_parser("patches", help="check that every patch of every stack applies to its pinned source")
     p.add_argument("--stack", action="append", help="only these stacks (default: all)")
     p.set_defaults(func=cmd_patches)
@@ -92,3 +98,16 @@ def cmd_patches(args) -> int:
             for line in check_stack_patches(load_stack(name), fetcher, Path(tmp)):
                 print(line)
     return 0
+
+
+PARSERS = {
+    "fetch": _fetch_parser,
+    "bundle": _bundle_parser,
+    "patches": _patches_parser,
+}
+
+
+def register(sub) -> None:
+    """Every command of this module, in its order."""
+    for add in PARSERS.values():
+        add(sub)

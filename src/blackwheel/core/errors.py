@@ -81,7 +81,7 @@ class PublishError(BlackwheelError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: what the build started has been ended (``blackwheel.interrupt``).
+    """SIGINT or SIGTERM: what the build started has been ended (``toolchain.interrupt``).
 
     A KeyboardInterrupt, not a BlackwheelError, so no ``except Exception`` on its way up to
     ``cli.main`` swallows it; the exit code is the shell's for a signal, 128 + its number.

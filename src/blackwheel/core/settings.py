@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from .targets import DEFAULT_TARGET
-
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -90,8 +88,7 @@ class Settings:
     mirror: Path | None = None
     offline: bool = False
     allow_absent: bool = False
-    cache_url: str | None = None      # compiler cache store (toolchain.ccache.CacheConfig reads it)
-    target: str = DEFAULT_TARGET      # the target a command builds for when none is named
+    cache_url: str | None = None      # compiler cache store (toolchain.ccache.CacheConfig)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

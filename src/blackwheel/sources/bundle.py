@@ -129,8 +129,8 @@ def _write_pack(pins: list[tuple[Path, str, str]], pack: Path, tmp: Path) -> Non
                 listed.setdefault(oid, name)
     lines = "".join(f"{oid} {name}\n" if name else f"{oid}\n" for oid, name in listed.items())
     with open(pack, "wb") as f:
-        proc = subprocess.run(["git", "--git-dir", str(work), "pack-objects", "--stdout", "--window=50",
-                               "--depth=50", "-q"], input=lines.encode(), stdout=f, stderr=subprocess.PIPE)
+        proc = stores.run_git("--git-dir", str(work), "pack-objects", "--stdout", "--window=50", "--depth=50", "-q",
+                              input=lines.encode(), stdout=f, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         raise SourceError(f"git pack-objects failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
 
@@ -230,7 +230,7 @@ def _unpack(path: Path, dest: Path) -> dict:
             with tar.extractfile(PACK) as src, open(packed, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             with open(packed, "rb") as pack:
-                proc = subprocess.run(["git", "--git-dir", str(store), "index-pack", "--stdin"],
+                proc = stores.run_git("--git-dir", str(store), "index-pack", "--stdin",
                                       stdin=pack, capture_output=True)
             packed.unlink()
             if proc.returncode != 0 and b"No space left on device" in proc.stderr:

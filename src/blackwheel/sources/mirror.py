@@ -1,7 +1,7 @@
 """Git stores: where a pinned commit's objects are found, what they lack, and checkouts from them.
 
 A *store* is a bare repository that holds a pinned commit and the objects under it. A ``Resolver``
-maps ``(url, commit)`` to the store that has that commit, or None; ``sources.Fetcher`` builds the
+maps ``(url, commit)`` to the store that has that commit, or None; ``sources.fetch.Fetcher`` builds the
 one resolver every fetch, check and bundle uses, from (in this order) its cache's own stores, a
 source bundle's store and a mirror folder.
 
@@ -56,9 +56,14 @@ def find_repo(mirror_dir: str | Path, url: str) -> Path | None:
     return None
 
 
+def run_git(*args: str, **how) -> subprocess.CompletedProcess:
+    """The one place git is started (``how``: subprocess.run's options); the caller reads the result."""
+    return subprocess.run(["git", *args], **how)
+
+
 def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
     """Run git; a failure is one line naming the command and git's last word."""
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input)
+    proc = run_git(*args, cwd=cwd, capture_output=True, text=True, input=input)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SourceError(f"git {' '.join(a for a in args[:4] if not a.startswith('-c'))} failed: {last}")
@@ -80,8 +85,7 @@ def _resolver(where: str | Path | Resolver) -> Resolver:
 
 
 def has_commit(repo: Path, commit: str) -> bool:
-    proc = subprocess.run(["git", "--git-dir", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"],
-                          capture_output=True)
+    proc = run_git("--git-dir", str(repo), "cat-file", "-e", f"{commit}^{{commit}}", capture_output=True)
     return proc.returncode == 0
 
 
@@ -121,8 +125,8 @@ def missing_blobs(repo: Path, commit: str) -> list[str]:
         meta, _, path = entry.partition("\t")
         if meta.split(" ")[1:2] == ["blob"]:
             blobs[meta.split(" ")[2]] = path
-    proc = subprocess.run(["git", "--git-dir", str(repo), "cat-file", "--batch-check"],
-                          input="\n".join(blobs) + "\n", capture_output=True, text=True)
+    proc = run_git("--git-dir", str(repo), "cat-file", "--batch-check",
+                   input="\n".join(blobs) + "\n", capture_output=True, text=True)
     return sorted(blobs[line.split()[0]] for line in proc.stdout.splitlines() if line.endswith(" missing"))
 
 

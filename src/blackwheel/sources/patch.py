@@ -19,6 +19,7 @@ from pathlib import Path
 from ..core.errors import PatchError, RecipeError
 from ..core.fsutil import sha256_file
 from .fetch import safe_extract
+from .mirror import run_git
 
 HEADER_FIELDS = ("Why", "Upstream", "Applies-when")
 _FAILED = re.compile(r"patch failed: (?P<file>.+?):(?P<line>\d+)")
@@ -65,11 +66,11 @@ def _hunk_at(patch: Path, file: str, line: int) -> str:
 
 
 def _git_apply(patch: Path, tree: Path, check: bool) -> subprocess.CompletedProcess:
-    args = ["git", "apply", "-p1", "--whitespace=nowarn"] + (["--check"] if check else [])
+    args = ["apply", "-p1", "--whitespace=nowarn"] + (["--check"] if check else [])
     # GIT_DIR pointing nowhere: the tree may sit inside another repository (ours), which must not
     # make git apply silently skip paths outside it.
-    return subprocess.run(args + [str(patch.resolve())], cwd=tree, capture_output=True, text=True,
-                          env={"GIT_DIR": str(tree / ".no-git"), "PATH": "/usr/bin:/bin"})
+    return run_git(*args, str(patch.resolve()), cwd=tree, capture_output=True, text=True,
+                   env={"GIT_DIR": str(tree / ".no-git"), "PATH": "/usr/bin:/bin"})
 
 
 def apply_patch(patch: Path, tree: Path, check: bool = False) -> None:

@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..core.errors import ToolchainError, UsageError
 from ..core.targets import parse_arch_list
 from ..core.fsutil import atomic_write_text
+from ..core.settings import Settings
 from .interrupt import descendants, end_processes
 
 CACHE_URL_ENV = "BLACKWHEEL_CACHE_URL"
@@ -78,8 +79,7 @@ class CacheConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "CacheConfig":
-        env = os.environ if environ is None else environ
-        return cls.from_url(env.get(CACHE_URL_ENV, ""))
+        return cls.from_url(Settings.from_env(environ).cache_url or "")
 
     @classmethod
     def from_url(cls, text: str) -> "CacheConfig":
