@@ -5,7 +5,7 @@ A builder is named by a recipe (``[package] builder = "..."``) and implements ``
 - ``key``: what it adds to the build key (an input of its own that changes the wheel);
 - ``environment``: the build environment, adjusted for its build (the pipeline made it from the
   toolchain and the recipe's ``[env]``);
-- ``plan``: what a build would do, compiling nothing (``blackwheel plan``);
+- ``plan``: what a build would do, compiling nothing (``blackwheel plan`` prints it: a dict as JSON);
 - ``build``: the package's own build, from a prepared tree to one wheel in ``out``; returns what it
   produced (``Built``): the run's measurements, and its own section of the manifest.
 
@@ -97,8 +97,9 @@ class Builder(Protocol):
                     env: dict[str, str]) -> dict[str, str]:
         """``env`` (``base``, the toolchain's, with the recipe's ``[env]`` over it) for this build."""
 
-    def plan(self, req: BuildRequest, out: Path, prepare: Callable[[], Prepared]) -> str:
-        """What a build would do, compiling nothing; ``prepare`` fetches and patches when needed."""
+    def plan(self, req: BuildRequest, out: Path, prepare: Callable[[], Prepared]) -> dict | str:
+        """What a build would do, compiling nothing (a dict: facts; a str: a table to read);
+        ``prepare`` fetches and patches when the builder needs the tree."""
 
     def build(self, req: BuildRequest, tree: Path, env: dict[str, str], out: Path, log: Path) -> Built:
         """The package's own build of ``tree`` into one wheel in ``out``, logged to ``log``."""

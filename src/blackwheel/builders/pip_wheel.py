@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -69,9 +68,9 @@ class PipWheel:
                     env: dict[str, str]) -> dict[str, str]:
         return env
 
-    def plan(self, req: BuildRequest, out: Path, prepare: Callable[[], Prepared]) -> str:
-        """The generated build file's arch flags and compile units, as JSON."""
-        return json.dumps(self.plan_data(req, out, prepare()), indent=2)
+    def plan(self, req: BuildRequest, out: Path, prepare: Callable[[], Prepared]) -> dict:
+        """The generated build file's arch flags and compile units."""
+        return self.plan_data(req, out, prepare())
 
     def plan_data(self, req: BuildRequest, out: Path, prepared: Prepared) -> dict:
         text, result = generate_build_file(req, prepared.tree, prepared.env, out, prepared.work / "plan.log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def cmd_plan(args) -> int:
     recipe = load_recipe(args.package)
     req = request_from_args(args, recipe, stack)
     out = args.out or (req.workdir / "plans" / f"{recipe.name}-{req.target.name}.ninja")
-    print(plan_package(req, out))
+    plan = plan_package(req, out)
+    print(json.dumps(plan, indent=2) if isinstance(plan, dict) else plan)   # a table (FlashInfer) as it is
     return 0
 
 

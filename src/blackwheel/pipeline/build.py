@@ -425,8 +425,8 @@ def _mk(p: Path) -> Path:
 
 
 # ---- plan: what a build would do, compiling nothing ----------------------------------------------------
-def plan_package(req: BuildRequest, out: Path) -> str:
-    """The builder's plan (pip-wheel: the generated build file's arch flags, as JSON); the tree is
+def plan_package(req: BuildRequest, out: Path) -> dict | str:
+    """The builder's plan (pip-wheel: the generated build file's arch flags and units); the tree is
     fetched and patched only if the builder asks for it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"plan-{req.recipe.name}-", dir=_mk(req.workdir)))
