@@ -5,17 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import nox
+
+ROOT = Path(__file__).parent
+SRC = str(ROOT / "src")
+sys.path.insert(0, SRC)   # the stack's pins come from the library (core needs only packaging, as nox does)
+from blackwheel.core.errors import BlackwheelError  # noqa: E402
+from blackwheel.core.recipe import load_stack  # noqa: E402
 
 nox.needs_version = ">=2024.3.2"
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "venv"
 
-ROOT = Path(__file__).parent
-SRC = str(ROOT / "src")
 # A SIGTERM to nox becomes Ctrl-C: nox then passes SIGTERM on to the running blackwheel and waits
 # (STOP below) while it ends every compile it started, the compiler cache's jobs included.
 STOP = {"interrupt_timeout": 0, "terminate_timeout": 15}
@@ -30,12 +33,10 @@ signal.signal(signal.SIGTERM, _sigterm_is_an_interrupt)
 
 def _stack_torch(posargs: list[str]) -> str:
     """The torch pin of the stack named by ``--stack`` (or the default stack)."""
-    name = posargs[posargs.index("--stack") + 1] if "--stack" in posargs else None
-    for path in sorted((ROOT / "recipes" / "stacks").glob("*.toml")):
-        data = tomllib.loads(path.read_text())
-        if (name is None and data.get("default")) or data.get("name", path.stem) == name:
-            return data["pins"]["torch"]
-    raise SystemExit(f"nox: unknown stack {name!r}")
+    try:
+        return load_stack(_option(posargs, "--stack")).torch
+    except BlackwheelError as exc:
+        raise SystemExit(f"nox: {exc}") from None
 
 
 def _blackwheel(session: nox.Session, *args: str) -> None:
@@ -193,20 +194,16 @@ def test_upstream(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Kernel throughput against this GPU's measured ceilings and torch references; writes a report."""
-    _blackwheel_module(session, "blackwheel.bench", *session.posargs)
+    _build_venv(session)
+    if "--use-current-env" not in session.posargs:
+        session.install(".[report]")
+    _blackwheel(session, "bench", *session.posargs)
 
 
 @nox.session(default=False)
 def bench_build(session: nox.Session) -> None:
     """Build speed: ours against upstream's own command, same machine, same run (--units N: a subset)."""
-    _blackwheel_module(session, "blackwheel.bench_build", *session.posargs)
-
-
-def _blackwheel_module(session: nox.Session, module: str, *args: str) -> None:
-    if "--use-current-env" in args:
-        rest = [a for a in args if a != "--use-current-env"]
-        session.run(sys.executable, "-m", module, *rest, external=True, env={"PYTHONPATH": SRC}, **STOP)
-    else:
-        _build_venv(session)
+    _build_venv(session)
+    if "--use-current-env" not in session.posargs:
         session.install(".[report]")
-        session.run("python", "-m", module, *args, **STOP)
+    _blackwheel(session, "bench-build", *session.posargs)

@@ -15,7 +15,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from blackwheel.fsutil import sha256_file
+from blackwheel.core.fsutil import sha256_file
 
 NAME, VERSION = "bw-saxpy", "0.1.0"
 

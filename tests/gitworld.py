@@ -11,8 +11,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from blackwheel.fsutil import sha256_file
-from blackwheel.sources import Source
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.sources.fetch import Source
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "init.defaultBranch=main",
        "-c", "protocol.file.allow=always"]

@@ -37,8 +37,8 @@ def fault_results(tmp_path_factory):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Read-only inputs shared by the kill and race cases: the mirror, the Sources, and a bundle of both."""
-    from blackwheel.bundle import write_bundle
-    from blackwheel.sources import Fetcher
+    from blackwheel.sources.bundle import write_bundle
+    from blackwheel.sources.fetch import Fetcher
 
     w = faultkit.make_world(tmp_path_factory.mktemp("world"))
     w["bundle"] = w["tmp"] / "sources.bwb"

@@ -28,8 +28,8 @@ import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
-from blackwheel.fsutil import sha256_file, tree_sha256
-from blackwheel.sources import Source
+from blackwheel.core.fsutil import sha256_file, tree_sha256
+from blackwheel.sources.fetch import Source
 from tests import gitworld
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,8 +181,9 @@ def manifest_for(wheel: Path, stack: str, target: str) -> dict:
 def check_wheelhouse(root: Path) -> tuple[list[str], list[str]]:
     """(problems, leftovers): every visible wheel has a manifest describing its bytes; orphan
     manifests and dot temporaries are leftovers (no reader lists them)."""
-    from blackwheel.provenance import MANIFEST_SUFFIX, checked_manifest
-    from blackwheel.errors import PublishError
+    from blackwheel.release.manifest import SUFFIX as MANIFEST_SUFFIX
+    from blackwheel.release.manifest import checked_manifest
+    from blackwheel.core.errors import PublishError
 
     problems, leftovers = [], []
     leftovers += [str(p.relative_to(root)) for p in root.glob(".*")]     # e.g. an index being written
@@ -329,7 +330,7 @@ def token_processes(token: str) -> dict[int, str]:
 
 def end_token_processes(token: str) -> None:
     """End what a trial left running (the test's own processes, by pid)."""
-    from blackwheel.interrupt import end_processes
+    from blackwheel.toolchain.interrupt import end_processes
 
     end_processes(lambda: token_processes(token))
 
@@ -338,9 +339,9 @@ def check_built(root: Path, stack: str = "test", target: str = "gb10") -> tuple[
     """(problems, the wheel): the wheelhouse is whole (``check_wheelhouse``), holds exactly one wheel
     for the stack and target, its manifest says it verified, ``provenance`` accepts it and the wheel
     verifies again for the target."""
-    from blackwheel.provenance import provenance
-    from blackwheel.targets import TARGETS
-    from blackwheel.verify import verify_wheel
+    from blackwheel.release.provenance import provenance
+    from blackwheel.core.targets import TARGETS
+    from blackwheel.check.verify import verify_wheel
 
     problems, _ = check_wheelhouse(root)
     wheels = sorted((root / stack / target).glob("*.whl"))
@@ -364,7 +365,7 @@ def start_redis(where: Path) -> tuple[subprocess.Popen, str]:
     import shutil
     import socket
 
-    from blackwheel.ccache import free_port
+    from blackwheel.toolchain.ccache import free_port
 
     server = shutil.which("redis-server")
     if server is None:

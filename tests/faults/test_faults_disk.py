@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from blackwheel.bundle import open_bundle
-from blackwheel.errors import BlackwheelError, BuildFailed
-from blackwheel.fsutil import sha256_file, tree_sha256
-from blackwheel.provenance import provenance
-from blackwheel.sources import Fetcher, safe_extract
-from blackwheel.wheelhouse import place
+from blackwheel.sources.bundle import open_bundle
+from blackwheel.core.errors import BlackwheelError, BuildFailed
+from blackwheel.core.fsutil import sha256_file, tree_sha256
+from blackwheel.release.provenance import provenance
+from blackwheel.sources.fetch import Fetcher, safe_extract
+from blackwheel.release.wheelhouse import place
 from tests.faults import faultkit as fk
 
 SIZE_K = 24 * 1024          # every step here needs under 12 MiB
@@ -201,7 +201,7 @@ def test_full_disk_fails_in_one_line_leaves_nothing_partial_and_a_rerun_complete
 def test_a_full_disk_in_place_is_a_one_line_error_through_the_cli(tmp_path, monkeypatch, capsys):
     """Found by the case above: ENOSPC while placing a wheel (or extracting) was a bare OSError,
     which ``cli.main`` does not catch (a traceback). Now a one-line BuildFailed / SourceError."""
-    import blackwheel.wheelhouse as wh
+    import blackwheel.release.wheelhouse as wh
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))

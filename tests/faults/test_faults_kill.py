@@ -17,20 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from blackwheel.bundle import open_bundle
-from blackwheel.fsutil import sha256_file, tree_sha256
-from blackwheel.index import build_static_index
-from blackwheel.provenance import provenance
-from blackwheel.sources import Fetcher
-from blackwheel.wheelhouse import place
+from blackwheel.sources.bundle import open_bundle
+from blackwheel.core.fsutil import sha256_file, tree_sha256
+from blackwheel.release.index import build_static_index
+from blackwheel.release.provenance import provenance
+from blackwheel.sources.fetch import Fetcher
+from blackwheel.release.wheelhouse import place
 from tests.conftest import needs_nvcc_and_torch, wait_until
 from tests.faults import faultkit as fk
 
 FETCH = """
 import json, sys
 from pathlib import Path
-from blackwheel.fsutil import sha256_file, tree_sha256
-from blackwheel.sources import Fetcher
+from blackwheel.core.fsutil import sha256_file, tree_sha256
+from blackwheel.sources.fetch import Fetcher
 from tests.faults.faultkit import source_from_json
 a = json.loads(sys.argv[1])
 fetcher = Fetcher(Path(a["cache"]), Path(a["mirror"]), offline=True)
@@ -46,9 +46,9 @@ print(json.dumps(out))
 PLACE = """
 import json, sys
 from pathlib import Path
-from blackwheel.fsutil import sha256_file
-from blackwheel.index import build_static_index
-from blackwheel.wheelhouse import place
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.release.index import build_static_index
+from blackwheel.release.wheelhouse import place
 a = json.loads(sys.argv[1])
 print("ready", flush=True)
 final = place(Path(a["wheel"]), a["manifest"], Path(a["root"]), a["stack"], a["target"])
@@ -161,7 +161,7 @@ def test_kill_during_place_and_index_leaves_whole_or_nothing(wheelhouse_before, 
 def test_a_death_between_tree_and_record_leaves_no_tree_without_record(world, tmp_path, monkeypatch):
     """Found by the kill case above (mirror folder, point 0.7498): the tree was renamed into the cache
     before its record was written, so a kill between the two left a tree without record."""
-    import blackwheel.sources as sources
+    import blackwheel.sources.fetch as sources
 
     def dies(path, obj):
         raise KeyboardInterrupt("killed while writing the record")
@@ -179,11 +179,11 @@ def test_a_death_between_tree_and_record_leaves_no_tree_without_record(world, tm
 PREPARE = """
 import json, sys, time
 from pathlib import Path
-import blackwheel.build as b
-from blackwheel.fsutil import tree_sha256
-from blackwheel.recipe import load_recipe, load_stack
-from blackwheel.sources import Fetcher
-from blackwheel.targets import TARGETS
+import blackwheel.pipeline.build as b
+from blackwheel.core.fsutil import tree_sha256
+from blackwheel.core.recipe import load_recipe, load_stack
+from blackwheel.sources.fetch import Fetcher
+from blackwheel.core.targets import TARGETS
 a = json.loads(sys.argv[1])
 req = b.BuildRequest(load_recipe(a["package"]), load_stack("test"), TARGETS["gb10"],
                      fetcher=Fetcher(Path(a["cache"]), Path(a["mirror"]), offline=True))
@@ -204,10 +204,10 @@ print(json.dumps({"tree": tree_sha256(prepared.tree), **took}))
 
 def _prepare_again(args: dict) -> str:
     """The tree a fresh prepare_tree gives (in this process: what the rerun of a build does first)."""
-    from blackwheel.build import BuildRequest, prepare_tree
-    from blackwheel.recipe import load_recipe, load_stack
-    from blackwheel.sources import Fetcher
-    from blackwheel.targets import TARGETS
+    from blackwheel.pipeline.build import BuildRequest, prepare_tree
+    from blackwheel.core.recipe import load_recipe, load_stack
+    from blackwheel.sources.fetch import Fetcher
+    from blackwheel.core.targets import TARGETS
 
     req = BuildRequest(load_recipe(args["package"]), load_stack("test"), TARGETS["gb10"],
                        fetcher=Fetcher(Path(args["cache"]), Path(args["mirror"]), offline=True))

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from blackwheel.fsutil import sha256_file
-from blackwheel.wheelhouse import place
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.release.wheelhouse import place
 from tests.conftest import needs_nvcc_and_torch, wait_until
 from tests.faults import faultkit as fk
 from tests.faults.test_faults_kill import FETCH
@@ -57,9 +57,9 @@ def test_two_fetches_of_one_pin_into_one_empty_cache(world, fault_results, tmp_p
 PUBLISH = """
 import json, sys
 from pathlib import Path
-from blackwheel.errors import PublishError
-from blackwheel.index import build_static_index
-from blackwheel.wheelhouse import place
+from blackwheel.core.errors import PublishError
+from blackwheel.release.index import build_static_index
+from blackwheel.release.wheelhouse import place
 a = json.loads(sys.argv[1])
 print("ready", flush=True)
 place(Path(a["wheel"]), a["manifest"], Path(a["root"]), a["stack"], a["target"])
@@ -161,7 +161,7 @@ def test_two_builds_of_one_package_stack_and_target_at_once(light_project, fault
 def test_placements_into_one_folder_take_turns(tmp_path):
     """Two builds in different workdirs that share a wheelhouse both place: the manifest beside a wheel
     must be the one written with it, so a placement waits while another holds the folder."""
-    from blackwheel.fsutil import flocked
+    from blackwheel.core.fsutil import flocked
 
     wheel = fk.make_wheel(tmp_path / "in", bulk=1 << 10)
     where = tmp_path / "wh" / "s" / "gb10"

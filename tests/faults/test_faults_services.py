@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from blackwheel.errors import PublishError
-from blackwheel.fsutil import sha256_file
-from blackwheel.publish import publish
-from blackwheel.wheelhouse import place
+from blackwheel.core.errors import PublishError
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.release.publish import publish
+from blackwheel.release.wheelhouse import place
 from tests import indexserver as h
 from tests.conftest import needs_nvcc_and_torch, wait_until
 from tests.faults import faultkit as fk
@@ -164,7 +164,7 @@ def test_index_server_killed_mid_publish(release_wheels, fault_results, tmp_path
 UPLOAD = """
 import json, sys
 from pathlib import Path
-from blackwheel.publish import publish
+from blackwheel.release.publish import publish
 a = json.loads(sys.argv[1])
 print("ready", flush=True)
 publish([Path(w) for w in a["wheels"]], a["url"], environ=a["env"], echo=lambda line: None)

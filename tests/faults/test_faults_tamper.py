@@ -9,13 +9,13 @@ import random
 import shutil
 
 
-from blackwheel.errors import MissingOffline, PatchError, PublishError, SourceError
-from blackwheel.fsutil import sha256_file
-from blackwheel.patch import apply_series
-from blackwheel.provenance import provenance
-from blackwheel.recipe import Condition, PatchSpec
-from blackwheel.sources import Fetcher
-from blackwheel.wheelhouse import place
+from blackwheel.core.errors import MissingOffline, PatchError, PublishError, SourceError
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.sources.patch import apply_series
+from blackwheel.release.provenance import provenance
+from blackwheel.core.recipe import Condition, PatchSpec
+from blackwheel.sources.fetch import Fetcher
+from blackwheel.release.wheelhouse import place
 from tests import gitworld
 from tests.faults import faultkit as fk
 

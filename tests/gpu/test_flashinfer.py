@@ -62,7 +62,7 @@ def test_the_wheel_lists_its_modules_and_arches() -> None:
     info = shipped()
     assert "norm" in info["modules"] and info["archs"]
     cc = torch.cuda.get_device_capability()
-    from blackwheel.targets import CudaArch, ComputeCapability
+    from blackwheel.core.targets import CudaArch, ComputeCapability
 
     runs = [a for a in map(CudaArch.parse, info["archs"]) if a.cubin_runs_on(ComputeCapability(*cc))[0]]
     assert runs, f"wheel built for {info['archs']}, none runs natively on this {cc[0]}.{cc[1]} GPU"

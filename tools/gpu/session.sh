@@ -62,7 +62,7 @@ finish)
   cp wheelhouse/*/hopper/*.manifest.json "$RES/" 2>/dev/null
   python3 -m pip install -q --no-deps --no-index wheelhouse/*/hopper/flash_attn-*.whl || exit 4
   BLACKWHEEL_RESULTS="$RES/gpu-tests.jsonl" python3 -m pytest tests/gpu/test_flash_attn.py tests/gpu/test_attention_ref.py -q -p no:cacheprovider --junitxml="$RES/gpu-tests.xml" 2>&1 | tail -25
-  python3 -m blackwheel.bench --out "$RES/bench" --wheelhouse wheelhouse 2>&1 | tail -15
+  python3 -m blackwheel.cli bench --out "$RES/bench" --wheelhouse wheelhouse 2>&1 | tail -15
   python3 -m blackwheel.cli report "$RES/bench/bench.json" --tests "$RES/gpu-tests.jsonl" --out "$RES/report" 2>&1 | tail -3
   while pgrep -f repro-1969 >/dev/null; do sleep 10; done
   cp gpu-repro/* /tmp/repro.log "$RES/" 2>/dev/null; tail -5 /tmp/repro.log ;;
@@ -83,7 +83,7 @@ print(f"MemTotal {total()} GiB")
 PY
   free -g | head -2
   python3 -m blackwheel.cli doctor --json > "$RES/doctor-h200.json" 2>&1
-  setsid nohup $PIN 0-15 python3 -m blackwheel.bench_build flash-attn --target hopper --units 8 \
+  setsid nohup $PIN 0-15 python3 -m blackwheel.cli bench-build flash-attn --target hopper --units 8 \
       --cores 8 --together --touch --out "$RES/bench-build" > /tmp/bench-build.log 2>&1 < /dev/null &
   setsid nohup $PIN 16-31 bash tools/gpu/session.sh flashinfer > /tmp/fi.log 2>&1 < /dev/null &
   setsid nohup $PIN 24-31 nice -n 15 python3 -m blackwheel.cli repro-1969 --units 1 \
@@ -97,7 +97,7 @@ flashinfer)   # on CPUs 16-31 (inherited): build, install, GPU tests, bench, reb
   python3 -m pip install -q --no-index --no-deps --target /tmp/fi-site wheelhouse/*/hopper/flashinfer_python-*.whl
   BLACKWHEEL_RESULTS="$RES/fi-gpu-tests.jsonl" python3 -m pytest tests/gpu/test_flashinfer.py -q -p no:cacheprovider \
       --junitxml="$RES/fi-gpu-tests.xml" 2>&1 | tail -25
-  python3 -m blackwheel.bench --packages flashinfer --out "$RES/fi-bench" --wheelhouse wheelhouse 2>&1 | tail -20
+  python3 -m blackwheel.cli bench --packages flashinfer --out "$RES/fi-bench" --wheelhouse wheelhouse 2>&1 | tail -20
   python3 -m blackwheel.cli report "$RES/fi-bench/bench.json" --tests "$RES/fi-gpu-tests.jsonl" --out "$RES/fi-report" 2>&1 | tail -3
   t1=$(date +%s.%N)
   python3 -m blackwheel.cli build flashinfer --target hopper --kernels default 2>&1 | tail -2

@@ -1,0 +1,1 @@
+"""pipeline: one recipe, one stack, one target into a verified wheel (build); a whole stack (stack_build)."""

@@ -1,0 +1,1 @@
+"""release: finished wheels (wheelhouse), their manifests and provenance, the index, publishing."""

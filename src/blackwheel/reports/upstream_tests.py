@@ -1,0 +1,226 @@
+"""test-upstream: a package's own test suite against the installed wheels.
+
+Where the tests live is recipe data (``[versions.tests]``): the sdist (vLLM's ``tests/kernels``) or a
+pinned git tree (FlashInfer keeps its tests out of the sdist). Only the ``tests/`` folder is laid out,
+in a folder of its own, so ``import vllm`` in them finds the installed wheel, never the sdist's
+sources beside them. The run sets the recipe's environment (FlashInfer: ``FLASHINFER_DISABLE_JIT=1``),
+deselects by the kernel set's declared coverage (``upstream_coverage``), and reads pytest's JUnit XML
+into counts per file: passed, failed, skipped, skipped for a missing module (FlashInfer's conftest
+names the module it lacked: that list is also the trace of what its dispatcher asked for), deselected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from ..core.errors import RecipeError, UsageError
+from ..core.recipe import Recipe, load_recipe
+from ..sources.fetch import safe_extract
+from ..builders.flashinfer_aot import module_names, target_archs, wheel_module_names
+from .upstream_coverage import COVERAGE_ENV, REPORT_ENV, excluded
+from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON
+from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
+
+MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
+SRC_ROOT = Path(__file__).resolve().parents[2]     # so the test Python finds the coverage plugin
+
+
+def coverage_of(recipe: Recipe, kernel_set: str | None) -> dict:
+    """``{file glob: {parameter: values}}`` of a kernel set and the sets it includes."""
+    sets = recipe.data.get("kernel-sets", {})
+    if kernel_set is None:
+        return {}
+    if kernel_set not in sets:
+        raise UsageError(f"{recipe.name} has no kernel set {kernel_set!r}; sets: {', '.join(sorted(sets))}")
+    merged: dict = {}
+    for name in [*sets[kernel_set].get("include", []), kernel_set]:
+        for glob, table in sets[name].get("coverage", {}).items():
+            merged.setdefault(glob, {}).update(table)
+    return merged
+
+
+def lay_out_tests(tree: Path, dest: Path) -> Path:
+    """Copy ``tree/tests`` to ``dest/tests`` (fresh): the tests alone, no package sources beside them."""
+    if not (tree / "tests").is_dir():
+        raise UsageError(f"{tree} has no tests/ folder")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(tree / "tests", dest / "tests", symlinks=True)
+    return dest
+
+
+def parse_junit(path: Path) -> dict:
+    """``{"files": {file: counts}, "missing_modules": [...]}`` from pytest's JUnit XML."""
+    files: dict[str, dict[str, int]] = {}
+    missing: set[str] = set()
+    reasons: dict[str, dict[str, int]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = (case.get("file") or case.get("classname", "").replace(".", "/") + ".py")
+        name = name[name.find("tests/"):] if "tests/" in name else name   # as the recipe names it
+        counts = files.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
+        skipped = case.find("skipped")
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+        elif skipped is not None:
+            message = skipped.get("message", "")
+            m = MISSING_MODULE.search(f"{message} {skipped.text or ''}")
+            if m:
+                counts["skipped_missing_module"] += 1
+                missing.add(m.group(1))
+            elif DEADLINE_REASON in message:
+                counts["not_run_deadline"] = counts.get("not_run_deadline", 0) + 1
+            else:
+                counts["skipped"] += 1
+                reason = _skip_reason(message)
+                per_file = reasons.setdefault(name, {})
+                per_file[reason] = per_file.get(reason, 0) + 1
+        else:
+            counts["passed"] += 1
+    return {"files": files, "missing_modules": sorted(missing), "skip_reasons": reasons}
+
+
+def _skip_reason(message: str) -> str:
+    """A skip message as one short line (pytest prefixes the location: ``file.py:12: why``)."""
+    text = " ".join(message.split())
+    text = re.sub(r"^\S+\.py:\d+: ", "", text)
+    return text[:160] or "(no reason given)"
+
+
+def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python: str = sys.executable,
+                       kernel_set: str | None = None, pytest_args: list[str] = (),
+                       only: list[str] = (), deadline_s: float | None = None) -> dict:
+    """Fetch the pinned tests, run them in ``python`` against what is installed, return the counts.
+
+    ``only``: globs that keep some of the recipe's test files (a shorter run). ``deadline_s``: tests
+    not started that many seconds after pytest starts are skipped and counted as not run, so a run
+    with a time limit ends with its counts (``upstream_deadline``). Each run lays out and writes in a
+    folder of its own under ``work``, so runs at once do not mix their files."""
+    rv = recipe.version(version)
+    if rv.tests is None:
+        raise UsageError(f"recipe {recipe.name} {version} names no upstream tests ([versions.tests])")
+    paths = [p for p in rv.tests.paths if not only or any(fnmatch.fnmatch(p, g) for g in only)]
+    if not paths:
+        raise UsageError(f"--only {' '.join(only)} keeps none of {', '.join(rv.tests.paths)}")
+    if rv.tests.source is None:
+        tree = safe_extract(fetcher.fetch(rv.sdist), work / "sdist")
+    else:
+        tree = fetcher.fetch(rv.tests.source)
+    work.mkdir(parents=True, exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    try:
+        return _run_laid_out(recipe, rv, version, tree, run, python, kernel_set, pytest_args, paths, deadline_s)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pytest_args, paths,
+                  deadline_s) -> dict:
+    where = lay_out_tests(tree, run)
+    junit, deselected_json, trace_json = run / "junit.xml", run / "deselected.json", run / "trace.json"
+    coverage = coverage_of(recipe, kernel_set)
+    env = {**os.environ, **rv.tests.env, COVERAGE_ENV: json.dumps(coverage), REPORT_ENV: str(deselected_json),
+           TRACE_OUT_ENV: str(trace_json), **({TRACE_ENV: rv.tests.trace} if rv.tests.trace else {}),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
+           "PYTHONDONTWRITEBYTECODE": "1",
+           **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
+    cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.reports.upstream_coverage",
+           "-p", "blackwheel.reports.upstream_trace", "-p", "blackwheel.reports.upstream_deadline",
+           "-p", "no:cacheprovider", f"--junitxml={junit}", "-q", *pytest_args]
+    proc = subprocess.run(cmd, cwd=where, env=env)
+    if not junit.is_file():
+        raise UsageError(f"upstream tests of {recipe.name} did not run (pytest exit {proc.returncode}); "
+                         f"command: {' '.join(cmd)}")
+    result = parse_junit(junit)
+    deselected = json.loads(deselected_json.read_text()) if deselected_json.is_file() else {}
+    for name, n in deselected.items():
+        result["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0,
+                                          "skipped_missing_module": 0})["deselected"] = n
+    trace = merge(trace_json)
+    source = rv.tests.source.label if rv.tests.source else rv.sdist.label
+    not_run = sum(c.get("not_run_deadline", 0) for c in result["files"].values())
+    return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
+            "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
+            **({"partial": f"{not_run} test(s) not run: the {deadline_s:g} s deadline passed"} if not_run else {}),
+            "first_result_s": trace.get("first_result_s", {}),
+            **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {})}
+
+
+def report_text(result: dict) -> str:
+    head = ("file", "passed", "failed", "skipped", "skipped: missing module", "deselected by coverage")
+    keys = ("passed", "failed", "skipped", "skipped_missing_module", "deselected")
+    rows = [[name, *(str(c.get(k, 0)) for k in keys)] for name, c in sorted(result["files"].items())]
+    totals = ["total", *(str(sum(c.get(k, 0) for c in result["files"].values())) for k in keys)]
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+    lines += [f"| {' | '.join(r)} |" for r in [*rows, totals]]
+    if result["missing_modules"]:
+        lines.append("missing modules: " + ", ".join(result["missing_modules"]))
+    if result.get("partial"):
+        lines.append("PARTIAL: " + result["partial"])
+    for name, reasons in sorted(result.get("skip_reasons", {}).items()):
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"skipped in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
+    return "\n".join(lines)
+
+
+def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default",
+               held: Iterable[str] | None = None) -> list[str]:
+    """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
+    target, one line each. A module outside the set is fine only when every test that asked for it
+    is excluded by the set's declared coverage (``exclude-tests``). ``held``: the modules a built
+    wheel holds (``wheel_module_names``), instead of those the set's recipe predicts."""
+    where = f"set {set_name!r}" if held is None else "the wheel"
+    held = set(module_names(recipe, set_name, target_archs(recipe, trace["target"])) if held is None else held)
+    sets = recipe.get("kernel-sets", {})
+    tables = [t for n in [*sets[set_name].get("include", []), set_name]
+              for t in sets[n].get("coverage", {}).items()]
+    gaps = []
+    for name, entry in trace.get("modules", {}).items():
+        if name in held:
+            continue
+        askers = entry.get("asked_by", [])
+        covered = [f"{f}::{t}" for f in entry.get("files", []) for t in askers
+                   if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
+        if not askers or covered:
+            gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
+                        f"is not in {where} for {trace['target']}")
+    return gaps
+
+
+def read_trace(path: Path, target_name: str) -> dict:
+    """A recorded trace for ``target_name``, with the recipe data it is checked against under
+    ``"_recipe"``; every defect of the file is a one-line error, before any wheel is read."""
+    try:
+        trace = json.loads(Path(path).read_text())
+        package, version, traced_for = trace["package"], trace["version"], trace["target"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--trace {path}: not a readable trace ({exc})") from None
+    if traced_for != target_name:
+        raise UsageError(f"--trace {path}: recorded for target {traced_for!r}, not {target_name!r}")
+    try:
+        recipe = load_recipe(package)
+    except RecipeError as exc:
+        raise UsageError(f"--trace {path}: {exc}") from None
+    if version not in [v.version for v in recipe.versions]:
+        raise UsageError(f"--trace {path}: {package} {version} is not a version of its recipe")
+    return {**trace, "_recipe": recipe.data}
+
+
+def trace_verdict(trace: Mapping, object_paths: Iterable[str]) -> tuple[list[str], str]:
+    """For a built wheel's object paths: a failure line for each traced module the wheel lacks (outside
+    the set's declared coverage excepted), and a note on the modules it holds beyond the trace."""
+    held = wheel_module_names(object_paths)
+    gaps = trace_gaps(trace["_recipe"], trace, held=held)
+    extra = sorted(held - set(trace.get("modules", {})))
+    note = (f"trace {trace['package']} {trace['version']} {trace['target']}: {len(trace.get('modules', {}))} "
+            f"module(s) asked for, {len(gaps)} missing; the wheel holds {len(extra)} more")
+    return gaps, note

@@ -1,0 +1,1 @@
+"""sources: pinned inputs into the cache (fetch), git stores (mirror), bundles, patches."""

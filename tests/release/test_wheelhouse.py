@@ -1,0 +1,197 @@
+"""wheelhouse.py: retagging a real (hand-made, valid) wheel, atomic placing, and reuse by build key."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from blackwheel.release import wheelhouse
+from blackwheel.core.errors import BuildFailed
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.release import manifest as manifest_file
+from blackwheel.release.manifest import read_manifest
+from blackwheel.release.wheelhouse import find_reusable, local_version, place, retag_wheel, wheels
+
+TAGS = "py3-none-any"  # installable by pip on any machine
+
+
+def record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def make_wheel(where: Path, version: str = "1.0", info_stem: str | None = None) -> Path:
+    """A small valid wheel: a package, a .data script, dist-info with METADATA, WHEEL and RECORD."""
+    stem = info_stem or f"pkg_x-{version}"
+    files = {
+        "pkg_x/__init__.py": b"VALUE = 1\n",
+        "pkg_x/_C.so": bytes(range(256)) * 4,
+        "pkg_x/data,with,commas.txt": b"x\n",
+        f"{stem}.data/scripts/pkg-x-tool": b"#!python\nprint('hi')\n",
+        f"{stem}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: pkg-x\nVersion: {version}\n"
+                                      f"Requires-Dist: torch==2.14.1\n\nVersion: in the description\n".encode(),
+        f"{stem}.dist-info/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {TAGS}\n".encode(),
+        f"{stem}.dist-info/top_level.txt": b"pkg_x\n",
+    }
+    path = where / f"pkg_x-{version}-{TAGS}.whl"
+    out = io.StringIO()
+    rec = csv.writer(out, lineterminator="\n")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
+            info.external_attr = (0o755 if name.endswith((".so", "tool")) else 0o644) << 16
+            zf.writestr(info, data)
+            rec.writerow([name, record_hash(data), len(data)])
+        rec.writerow([f"{stem}.dist-info/RECORD", "", ""])
+        zf.writestr(f"{stem}.dist-info/RECORD", out.getvalue())
+    return path
+
+
+def check_record(wheel: Path) -> list[str]:
+    """Every member hashed in RECORD with the right hash and size; RECORD lists every file."""
+    with zipfile.ZipFile(wheel) as zf:
+        (record_name,) = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+        rows = list(csv.reader(io.StringIO(zf.read(record_name).decode())))
+        listed = {}
+        for path, digest, size in rows:
+            listed[path] = (digest, size)
+        for name in zf.namelist():
+            if name.endswith("/"):
+                continue
+            assert name in listed, f"{name} not in RECORD"
+            if name != record_name:
+                data = zf.read(name)
+                assert listed[name] == (record_hash(data), str(len(data))), name
+        assert set(listed) <= set(zf.namelist())
+        return zf.namelist()
+
+
+# ---- retagging ----------------------------------------------------------------------------------------
+def test_local_version():
+    assert local_version("13.0", "sm121") == "cu130.sm121"
+    assert local_version("13.0", "sm120.sm121") == "cu130.sm120.sm121"
+
+
+def test_retag_rewrites_name_metadata_dist_info_data_and_record(tmp_path):
+    src = make_wheel(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    new = retag_wheel(src, "cu130.sm121", out)
+    assert new == out / f"pkg_x-1.0+cu130.sm121-{TAGS}.whl"
+    names = check_record(new)
+    assert not [n for n in names if n.startswith("pkg_x-1.0.")]            # nothing of the old version left
+    assert "pkg_x-1.0+cu130.sm121.data/scripts/pkg-x-tool" in names
+    with zipfile.ZipFile(new) as zf:
+        meta = zf.read("pkg_x-1.0+cu130.sm121.dist-info/METADATA").decode()
+        assert "\nVersion: 1.0+cu130.sm121\n" in meta
+        assert "\nVersion: in the description\n" in meta                  # only the header line changes
+        assert zf.getinfo("pkg_x/_C.so").external_attr >> 16 == 0o755       # exec bits kept
+        assert zf.read("pkg_x/_C.so") == bytes(range(256)) * 4
+    assert [p.name for p in out.iterdir()] == [new.name]                    # no .part left
+
+
+def test_retag_replaces_an_existing_local_version(tmp_path):
+    src = make_wheel(tmp_path, "2.8.3.post2+cu130.sm120")
+    new = retag_wheel(src, "cu130.sm121", tmp_path)
+    assert new.name == f"pkg_x-2.8.3.post2+cu130.sm121-{TAGS}.whl"
+    check_record(new)
+
+
+def test_retag_finds_the_dist_info_as_spelled_inside(tmp_path):
+    """An older tool wrote Pkg_X-1.0.dist-info while the file name says pkg_x: still one dist-info."""
+    src = make_wheel(tmp_path, info_stem="Pkg_X-1.0")
+    (tmp_path / "o").mkdir()
+    names = check_record(retag_wheel(src, "cu130.sm121", tmp_path / "o"))
+    assert {n.split("/")[0] for n in names if ".dist-info/" in n} == {"Pkg_X-1.0+cu130.sm121.dist-info"}
+
+
+def test_retagged_wheel_installs_with_pip(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    new = retag_wheel(make_wheel(tmp_path), "cu130.sm121", out)
+    target = tmp_path / "target"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                           "--disable-pip-version-check", "--target", str(target), str(new)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "pkg_x-1.0+cu130.sm121.dist-info" / "METADATA").is_file()
+    assert (target / "pkg_x" / "_C.so").is_file()
+
+
+def test_retag_of_a_broken_wheel_leaves_nothing(tmp_path):
+    bad = tmp_path / f"pkg_x-1.0-{TAGS}.whl"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("pkg_x/__init__.py", "")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BuildFailed, match="one .dist-info"):
+        retag_wheel(bad, "cu130.sm121", out)
+    assert list(out.iterdir()) == []
+
+
+# ---- placing and reuse ------------------------------------------------------------------------------------
+def test_place_writes_wheel_and_manifest(tmp_path):
+    wheel = make_wheel(tmp_path)
+    root = tmp_path / "wh"
+    final = place(wheel, {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
+    assert final == root / "s" / "gb10" / wheel.name
+    assert final.read_bytes() == wheel.read_bytes()
+    m = read_manifest(final)
+    assert m["wheel"] == wheel.name and m["wheel_sha256"] == sha256_file(wheel)
+    assert m["wheel_size"] == wheel.stat().st_size and m["schema"] == manifest_file.SCHEMA
+    assert sorted(p.name for p in final.parent.iterdir()) == [wheel.name, wheel.name + ".manifest.json"]
+    assert wheels(root) == [final] and wheels(root, "s", "gb10") == [final] and wheels(root, "t") == []
+
+
+def test_failure_midway_leaves_nothing_visible(tmp_path, monkeypatch):
+    wheel = make_wheel(tmp_path)
+    root = tmp_path / "wh"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(manifest_file, "atomic_write_json", boom)
+    with pytest.raises(OSError, match="disk full"):
+        place(wheel, {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
+    assert [p for p in (root / "s" / "gb10").iterdir()] == []
+    assert wheels(root) == []
+
+
+def test_find_reusable(tmp_path):
+    wheel = make_wheel(tmp_path)
+    root = tmp_path / "wh"
+    final = place(wheel, {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k1")["wheel_sha256"] == sha256_file(final)
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k2") is None
+    assert find_reusable(root, "s", "gb10", "other", "k1") is None
+    assert find_reusable(root, "s", "blackwell", "pkg-x", "k1") is None
+
+
+def test_find_reusable_ignores_a_tampered_wheel(tmp_path):
+    root = tmp_path / "wh"
+    final = place(make_wheel(tmp_path), {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
+    with zipfile.ZipFile(final, "a") as zf:
+        zf.writestr("pkg_x/extra.py", "evil = 1\n")
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k1") is None
+    final.unlink()
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k1") is None
+
+
+def test_find_reusable_skips_broken_manifests(tmp_path):
+    root = tmp_path / "wh"
+    where = root / "s" / "gb10"
+    where.mkdir(parents=True)
+    (where / "a.whl.manifest.json").write_text("{not json")
+    (where / "b.whl.manifest.json").write_text(json.dumps({"package": "pkg-x", "build_key": "k1"}))
+    (where / "c.whl.manifest.json").write_text("[1, 2]")
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k1") is None
+    final = place(make_wheel(tmp_path), {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
+    assert find_reusable(root, "s", "gb10", "pkg-x", "k1")["wheel"] == final.name

@@ -1,0 +1,93 @@
+"""bench_build: the unit subset, CPU shares, the touch, the report; and one real side-by-side run of
+the generated CUDA extension (upstream and ours at once on one CPU each, then one unit touched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from blackwheel import cli
+from blackwheel.reports import bench_build
+from blackwheel.reports.bench_build import cpu_sets, pick_units, render, touch_unit
+from blackwheel.core.errors import UsageError
+from tests import cuda_ext
+from tests.conftest import needs_nvcc_and_torch
+
+
+def test_pick_units_spans_heavy_to_light():
+    profile = {f"u{i}.o": float(i) for i in range(10)}
+    picked = pick_units(profile, 4)
+    assert picked[0] == "u9.o" and picked[-1] == "u0.o" and len(set(picked)) == 4
+    assert pick_units(profile, 20) == sorted(profile, key=lambda u: -profile[u])
+
+
+def test_cpu_sets_are_disjoint_together_and_refuse_more_than_there_is():
+    up, ours = cpu_sets([7, 3, 5, 1], 2, together=True)
+    assert up == {1, 3} and ours == {5, 7}
+    with pytest.raises(UsageError, match="needs 6 CPUs; this process may use 4"):
+        cpu_sets([0, 1, 2, 3], 3, together=True)
+
+
+def test_touch_changes_what_the_compiler_sees(tmp_path):
+    src = tmp_path / "csrc" / "flash_fwd_hdim64_fp16_sm80.cu"
+    src.parent.mkdir()
+    src.write_text("int x;\n")
+    assert touch_unit(tmp_path, "flash_fwd_hdim64_fp16_sm80.o") == src
+    assert "constexpr int blackwheel_bench_touched" in src.read_text()   # code, not a comment
+    with pytest.raises(UsageError, match="no single source"):
+        touch_unit(tmp_path, "nothing_here.o")
+
+
+def test_render_states_ratios_limit_and_profile():
+    run = {"wall_s": 100.0, "peak_mem_gib": 3.0, "jobs": "2", "nvcc_threads": "1",
+           "cache": {"hits": 0, "misses": 9}}
+    result = {"package": "p", "version": "1", "target": "hopper", "cores_per_run": 8, "together": True,
+              "machine": {"cores": 32, "available_gib": 200.0, "memory_total_gib": 250.0}, "subset": ["a.o"],
+              "runs": {"upstream": {**run, "wall_s": 200.0, "jobs": "4"}, "ours": run,
+                       "ours_touched": {**run, "wall_s": 12.0, "cache": {"hits": 8, "misses": 1}}},
+              "touched_unit": "a.o", "ratio_touched_to_cold": 0.12,
+              "ratio_ours_to_upstream": 0.5, "limit_s": 90.0, "ours_over_limit": 1.111,
+              "profile": {"units": 1, "unit_seconds_sum": 90.0, "cores": 8, "longest_unit_s": 90.0,
+                          "bound_by": "longest unit", "efficiency": 0.11,
+                          "slowest_units": [{"unit": "a.o", "seconds": 90.0}]}}
+    md = render(result)
+    assert "Ours / upstream: **0.5**" in md and "| upstream's command | 200.0 | 3.0 | 4 |" in md
+    assert "1 units: a.o" in md and "1.111x" in md and "pinned to 8 CPUs, both at the same time" in md
+    assert "| blackwheel, `a.o` touched | 12.0 |" in md and "8 hits / 1 misses" in md
+    assert "cache warm / cold: **0.12**" in md and "| a.o | 90.0 |" in md
+
+
+def test_together_needs_cores(capsys):
+    assert cli.main(["bench-build", "flash-attn", "--together"]) == 2
+    assert "--together needs --cores" in capsys.readouterr().err
+
+
+@needs_nvcc_and_torch
+@pytest.mark.nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs for two pinned runs")
+def test_side_by_side_for_real(bw_env, monkeypatch, tmp_path):
+    proj = cuda_ext.make_project(bw_env / "proj", sys.executable)
+    for key, value in {"BLACKWHEEL_RECIPES": proj.recipes, "BLACKWHEEL_PATCHES": proj.patches,
+                       "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "out"
+    assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
+                             "--together", "--touch", "--out", str(out)]) == 0
+    result = json.loads((out / f"bench-build-{cuda_ext.NAME}-hopper.json").read_text())
+    runs = result["runs"]
+    for label in ("upstream", "ours", "ours_touched"):
+        assert runs[label]["wall_s"] > 0 and runs[label]["cpus"] == 1
+        assert runs[label]["unit_seconds"], f"{label}: no unit compiled"
+        assert runs[label]["peak_mem_gib"] > 0, f"{label}: its processes' memory was not seen"
+    assert runs["upstream"]["cache"] is None and not runs["upstream"]["host_compiles_cached"]
+    assert runs["ours"]["host_compiles_cached"]
+    assert runs["ours"]["cache"]["misses"] > 0 and runs["ours"]["cache"]["hits"] == 0   # cold store
+    assert runs["ours_touched"]["cache"]["misses"] > 0          # the touched unit is compiled again
+    assert result["touched_unit"] == "saxpy.o" and result["ratio_touched_to_cold"] > 0
+    assert result["ratio_ours_to_upstream"] == pytest.approx(runs["ours"]["wall_s"] / runs["upstream"]["wall_s"],
+                                                             abs=1e-3)
+    assert "Ours / upstream" in (out / f"bench-build-{cuda_ext.NAME}-hopper.md").read_text()

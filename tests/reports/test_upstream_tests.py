@@ -1,0 +1,208 @@
+"""test-upstream: upstream's own tests laid out alone, run, counted, and deselected by coverage."""
+
+from __future__ import annotations
+
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from blackwheel.core.fsutil import sha256_file
+from blackwheel.core.recipe import load_recipe
+from blackwheel.sources.fetch import Fetcher
+from blackwheel.reports.upstream_tests import coverage_of, report_text, run_upstream_tests
+
+UPSTREAM_TEST = '''
+import importlib.util
+import pytest
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("q_dtype", ["float16", "float32"])
+def test_decode(head_dim, q_dtype):
+    assert head_dim in (64, 128)
+
+def test_fails():
+    assert 1 == 2
+
+def test_module_missing():
+    pytest.skip("Skipping due to missing JIT cache for module: batch_decode_x_128")
+
+def test_plain_skip():
+    pytest.skip("needs sm_100+")
+
+def test_the_sdist_sources_are_not_importable():
+    assert importlib.util.find_spec("pkg") is None     # the tests alone, not the sources beside them
+'''
+
+
+@pytest.fixture
+def upstream(tmp_path, monkeypatch):
+    sdist = tmp_path / "src" / "pkg-1.0"
+    (sdist / "pkg").mkdir(parents=True)
+    (sdist / "pkg" / "__init__.py").write_text("raise ImportError('the sdist copy was imported')\n")
+    (sdist / "tests" / "attention").mkdir(parents=True)
+    (sdist / "tests" / "attention" / "test_decode_kernels.py").write_text(UPSTREAM_TEST)
+    mirror = tmp_path / "mirror" / "pypi"
+    mirror.mkdir(parents=True)
+    archive = mirror / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "pkg.toml").write_text(textwrap.dedent(f'''
+        [package]
+        name = "pkg"
+        import-name = "pkg"
+        [[versions]]
+        version = "1.0"
+        sdist = {{ pypi = "pkg", sha256 = "{sha256_file(archive)}" }}
+          [versions.tests]
+          paths = ["tests/attention/test_decode_kernels.py"]
+          env = {{ PKG_DISABLE_JIT = "1" }}
+        [arch]
+        knob = "ARCHS"
+        [kernel-sets.small]
+        include = []
+          [kernel-sets.small.coverage."tests/attention/test_*_kernels.py"]
+          head_dim = [64, 128]
+          q_dtype = ["float16"]
+        '''))
+    monkeypatch.setenv("BLACKWHEEL_RECIPES", str(recipes))
+    return load_recipe("pkg"), Fetcher(tmp_path / "cache", tmp_path / "mirror", offline=True)
+
+
+def test_counts_per_file_and_the_coverage_deselects(upstream, tmp_path):
+    recipe, fetcher = upstream
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    # 6 parametrized: 2 inside the coverage (64/128 x float16), 4 deselected
+    assert counts == {"passed": 3, "failed": 1, "skipped": 1, "skipped_missing_module": 1, "deselected": 4}
+    assert result["missing_modules"] == ["batch_decode_x_128"]
+    assert result["env"] == {"PKG_DISABLE_JIT": "1"} and result["pytest_exit"] == 1
+    table = report_text(result)
+    assert "| total | 3 | 1 | 1 | 1 | 4 |" in table and "batch_decode_x_128" in table
+
+
+def test_without_a_kernel_set_nothing_is_deselected(upstream, tmp_path):
+    recipe, fetcher = upstream
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work")
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    assert "deselected" not in counts and counts["passed"] == 5 and counts["failed"] == 3
+
+
+MODULE_PARAM = {"head_dim": "head_dim_qk", "q_dtype": "dtype_q", "kv_dtype": "dtype_kv"}
+POS_ENCODING = {0: "NONE", 1: "ROPE_LLAMA", 2: "ALIBI"}
+
+
+def test_flashinfer_default_coverage_agrees_with_its_attention_modules():
+    """The declared coverage is what the decode/prefill modules hold: their parameters and the
+    generators' fixed arguments, read from the same recipe."""
+    recipe = load_recipe("flashinfer")
+    sets, generators = recipe.data["kernel-sets"], recipe.data["aot"]["generators"]
+    derived = {k: set() for k in (*MODULE_PARAM, "pos_encoding_mode", "logits_soft_cap")}
+    for name in [*sets["default"]["include"], "default"]:
+        for module in sets[name].get("modules", []):
+            if module["gen"] not in ("batch_decode", "batch_prefill"):
+                continue
+            for key, values in module.get("params", {}).items():
+                names = key.split(",")
+                for combo in values:
+                    combo = dict(zip(names, combo if len(names) > 1 else [combo]))
+                    for test_name, module_name in MODULE_PARAM.items():
+                        if module_name in combo:
+                            derived[test_name].add(combo[module_name])
+            fixed = generators[module["gen"]]["fixed"]
+            derived["pos_encoding_mode"].add(POS_ENCODING[fixed["pos_encoding_mode"]])
+            if not fixed["use_logits_soft_cap"]:
+                derived["logits_soft_cap"].add(0.0)
+    declared = coverage_of(recipe, "default")["tests/attention/test_*_kernels.py"]
+    assert {k: set(v) for k, v in declared.items()} == derived
+
+
+def test_the_command_line_keeps_some_files_and_passes_pytest_args(upstream, tmp_path, monkeypatch, capsys):
+    from blackwheel import cli
+    recipe, fetcher = upstream
+    stacks = Path(recipe.path).parent / "stacks"
+    stacks.mkdir()
+    (stacks / "s.toml").write_text('name = "s"\ndefault = true\n[pins]\ntorch = "2.11.0"\npkg = "1.0"\n')
+    monkeypatch.setenv("BLACKWHEEL_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("BLACKWHEEL_WORKDIR", str(tmp_path / "work"))
+    rc = cli.main(["test-upstream", "pkg", "--kernels", "small", "--offline", "--only", "tests/attention/*",
+                   "--pytest-args", "-k 'not fails'", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1                                      # a module was missing: not proven
+    assert "| tests/attention/test_decode_kernels.py | 3 | 0 | 1 | 1 | 4 |" in out   # test_fails not run
+    assert (tmp_path / "upstream-tests-pkg.json").is_file()
+
+
+def test_coverage_excludes_test_functions_by_name(upstream, tmp_path):
+    recipe, fetcher = upstream
+    path = Path(recipe.path)
+    path.write_text(path.read_text() + textwrap.dedent('''
+          [kernel-sets.small.coverage."tests/attention/test_decode_*.py"]
+          exclude-tests = ["test_fails", "test_module_*"]
+        '''))
+    recipe = load_recipe("pkg")
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    # the failing and the missing-module test are named out; the parametrized ones as before
+    assert counts == {"passed": 3, "failed": 0, "skipped": 1, "skipped_missing_module": 0, "deselected": 6}
+    assert result["pytest_exit"] == 0
+
+
+def test_plain_skips_keep_their_reasons(upstream, tmp_path):
+    recipe, fetcher = upstream
+    result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    assert result["skip_reasons"] == {"tests/attention/test_decode_kernels.py": {"needs sm_100+": 1}}
+    assert "skipped in tests/attention/test_decode_kernels.py: 1 x needs sm_100+" in report_text(result)
+
+
+DEADLINE_TEST = '''
+import os
+
+def test_runs_first():
+    os.environ["BLACKWHEEL_TEST_DEADLINE"] = "0"    # as if the deadline passed during this test
+
+def test_not_started_in_time():
+    raise AssertionError("ran after the deadline")
+
+def test_nor_this():
+    raise AssertionError("ran after the deadline")
+'''
+
+
+def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tmp_path):
+    recipe, fetcher = upstream
+    sdist = tmp_path / "src" / "pkg-1.0"
+    (sdist / "tests" / "attention" / "test_decode_kernels.py").write_text(DEADLINE_TEST)
+    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    path = Path(recipe.path)
+    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive)))
+    result = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
+                                offline=True), tmp_path / "work", deadline_s=3600)
+    counts = result["files"]["tests/attention/test_decode_kernels.py"]
+    assert counts == {"passed": 1, "failed": 0, "skipped": 0, "skipped_missing_module": 0, "not_run_deadline": 2}
+    assert result["partial"] == "2 test(s) not run: the 3600 s deadline passed"
+    assert "PARTIAL: 2 test(s) not run" in report_text(result)
+
+
+def test_two_runs_at_once_in_one_work_folder_keep_their_own_files(upstream, tmp_path):
+    recipe, fetcher = upstream
+    work = tmp_path / "work"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_upstream_tests, recipe, "1.0", fetcher, work, kernel_set=ks)
+                for ks in ("small", None)]
+        small, whole = (r.result() for r in runs)
+    assert small["files"]["tests/attention/test_decode_kernels.py"]["deselected"] == 4
+    assert whole["files"]["tests/attention/test_decode_kernels.py"]["passed"] == 5
+    assert not list(work.glob("run-*"))     # each run's folder goes when it ends
+
+
+def test_a_deadline_of_zero_is_refused_in_one_line(capsys):
+    from blackwheel import cli
+    assert cli.main(["test-upstream", "pkg", "--deadline-s", "0"]) == 2
+    assert capsys.readouterr().err == "blackwheel: --deadline-s 0: give a number of seconds above 0\n"
