@@ -10,7 +10,7 @@ import pytest
 
 from blackwheel.builders import BuildRequest
 from blackwheel.cli.build import variant_choices as _variant_choices
-from blackwheel.pipeline.build import build_inputs, build_key
+from blackwheel.pipeline.build import _required_cubins, build_inputs, build_key, left_out_libraries
 from blackwheel.core.errors import RecipeError, UsageError
 from blackwheel.core.recipe import load_recipe, load_stack, parse_variant_choices
 from blackwheel.core.targets import resolve_target
@@ -89,3 +89,25 @@ def test_the_vllm_recipe_declares_fa3_for_patch_0004():
     assert fa3.name == "fa3" and fa3.default is True and fa3.env_for(False) == {"VLLM_SKIP_FA3": "1"}
     patch = next(p.file for p in rv.patches if p.file.name.startswith("0004-"))
     assert 'os.environ.get("VLLM_SKIP_FA3") == "1"' in patch.read_text()
+
+
+def test_what_a_variant_or_a_left_out_resource_does_not_build_is_not_expected():
+    """A hopper build with fa3=off and without FlashMLA (its pin not to be had) makes neither
+    _vllm_fa3_C nor _flashmla_C: verify must not ask for their cubins, and says so."""
+    vllm = load_recipe("vllm")
+    req = BuildRequest(recipe=vllm, stack=load_stack("cu130-torch2.11"), target=resolve_target("hopper"),
+                       wheelhouse=Path("wh"), workdir=Path("work"), variant_choices=(("fa3", False),))
+    left_out = left_out_libraries(req, absent=["flashmla"])
+    assert left_out == {"vllm/vllm_flash_attn/_vllm_fa3_C*.so": "variant fa3=off",
+                        "vllm/_flashmla_C*.so": "optional flashmla left out"}
+    required = _required_cubins(vllm, req.target)
+    assert set(left_out) <= set(required)          # both are expected of a full hopper build
+    assert left_out_libraries(BuildRequest(recipe=vllm, stack=req.stack, target=req.target, wheelhouse=Path("wh"),
+                                           workdir=Path("work")), absent=[]) == {}
+
+
+def test_a_variant_libraries_entry_must_be_a_list_of_globs(tree):
+    body = VARIANT + '  libraries = "x.so"\n'
+    write_recipe(tree, "pkg", recipe_toml(extra_version=body))
+    with pytest.raises(RecipeError, match=r"libraries = \["):
+        load_recipe("pkg")

@@ -134,6 +134,7 @@ class Variant:
     description: str
     env_on: dict = field(default_factory=dict, hash=False, compare=False)    # build environment when on
     env_off: dict = field(default_factory=dict, hash=False, compare=False)   # ... and when off
+    libraries: tuple[str, ...] = ()   # wheel libraries built only when on (not expected when off)
 
     def env_for(self, on: bool) -> dict:
         return dict(self.env_on if on else self.env_off)
@@ -238,11 +239,11 @@ def _source_from_toml(d: dict, name: str, role: str, where: str) -> Source:
                      submodules=bool(subs), submodule_paths=tuple(subs) if isinstance(subs, list) else (),
                      role=role, env=d.get("env"),
                      dest=d.get("dest"), defined_in=d.get("defined-in"), when=when,
-                     optional=d.get("optional"))
+                     optional=d.get("optional"), libraries=tuple(d.get("libraries", ())))
     elif "url" in d:
         src = Source(name=name, kind="url", url=d["url"], sha256=d.get("sha256", ""), role=role,
                      env=d.get("env"), dest=d.get("dest"), defined_in=d.get("defined-in"), when=when,
-                     optional=d.get("optional"))
+                     optional=d.get("optional"), libraries=tuple(d.get("libraries", ())))
     else:
         raise RecipeError(f"{where}: source {name!r} needs one of pypi, git, url")
     if src.optional is not None and (role == "sdist" or not isinstance(src.optional, str)):
@@ -291,12 +292,15 @@ def _variant_from_toml(d: dict, where: str) -> Variant:
         raise RecipeError(f"{where}: variant {name!r} needs default = true or false")
     env_on, env_off = d.pop("env-on", {}), d.pop("env-off", {})
     description = d.pop("description", "")
+    libraries = d.pop("libraries", [])
+    if not isinstance(libraries, list) or not all(isinstance(g, str) for g in libraries):
+        raise RecipeError(f"{where}: variant {name!r}: libraries = [\"<glob in the wheel>\", ...]")
     if d:
         raise RecipeError(f"{where}: variant {name!r}: unknown keys {sorted(d)}")
     if not env_on and not env_off:
         raise RecipeError(f"{where}: variant {name!r} changes nothing (give env-on or env-off)")
     return Variant(name, default, description, {k: str(v) for k, v in env_on.items()},
-                   {k: str(v) for k, v in env_off.items()})
+                   {k: str(v) for k, v in env_off.items()}, tuple(libraries))
 
 
 def parse_variant_choices(specs) -> dict[str, bool]:

@@ -32,6 +32,7 @@ class Source:
     defined_in: str | None = None  # resource: where upstream defines this pin
     when: dict = field(default_factory=dict, hash=False, compare=False)
     optional: str | None = None    # resource: what the build lacks without it (it may be missing)
+    libraries: tuple[str, ...] = ()  # resource: wheel libraries built from it (not expected when left out)
 
     @property
     def pinned(self) -> bool:

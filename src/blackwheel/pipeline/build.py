@@ -24,11 +24,12 @@ import tomllib
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from packaging.requirements import InvalidRequirement, Requirement
 
 from ..builders import BuildRequest, Prepared, builder_for
-from ..check.verify import verify_wheel
+from ..check.verify import verify_wheel, with_findings
 from ..core.errors import BuildFailed, StackMismatch, ToolchainError
 from ..core.fsutil import flocked, sha256_file
 from ..core.recipe import Recipe, requirement_lines, stack_disagreements
@@ -85,6 +86,7 @@ class PreparedTree:
     resource_env: dict[str, str]
     sources: list[dict] = field(default_factory=list)   # each as fetched and verified (manifest)
     notes: list[str] = field(default_factory=list)      # optional resources left out, one line each
+    absent: list[str] = field(default_factory=list)     # their names
 
 
 def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -> PreparedTree:
@@ -117,7 +119,8 @@ def prepare_tree(req: BuildRequest, dest: Path, without: tuple[str, ...] = ()) -
     problems = stack_disagreements(req.stack, req.recipe, tree)
     if problems:
         raise StackMismatch(f"stack {req.stack.name}: {'; '.join(problems)}")
-    return PreparedTree(tree, applied, resource_env, records, notes)
+    absent = [res.name for res, path, _ in fetched if path is None]
+    return PreparedTree(tree, applied, resource_env, records, notes, absent)
 
 
 # ---- what the package's own build needs in the build Python ----------------------------------------
@@ -216,20 +219,32 @@ def _single_wheel(out: Path, recipe: Recipe) -> Path:
     return found[0]
 
 
-def check_expected_libraries(wheel: Path, recipe: Recipe) -> None:
-    """Every ``expect.cuda-libraries`` glob must match a member of the wheel."""
+def left_out_libraries(req: BuildRequest, absent: Iterable[str]) -> dict[str, str]:
+    """``{library glob: why}`` for the wheel libraries this build does not make: those of a variant
+    that is off, and those of an optional resource left out. Expectations naming them are dropped."""
+    chosen = req.variants
+    out = {g: f"variant {v.name}=off" for v in req.version.variants if not chosen[v.name] for g in v.libraries}
+    gone = set(absent)
+    out.update({g: f"optional {res.name} left out" for res in req.version.resources
+                if res.name in gone for g in res.libraries})
+    return out
+
+
+def check_expected_libraries(wheel: Path, recipe: Recipe, left_out: Mapping[str, str] = {}) -> None:
+    """Every ``expect.cuda-libraries`` glob must match a member of the wheel (but those left out)."""
     with zipfile.ZipFile(wheel) as zf:
         members = zf.namelist()
-    for pattern in recipe.expect.get("cuda-libraries", []):
+    for pattern in [p for p in recipe.expect.get("cuda-libraries", []) if p not in left_out]:
         # a pattern with a folder ("vllm/_C*.so") matches the member's path, a bare one its name
         names = members if "/" in pattern else [Path(n).name for n in members]
         if not fnmatch.filter(names, pattern):
             raise BuildFailed(f"{recipe.name}: the wheel has no {pattern}: the CUDA extension was not built")
 
 
-def verify_built(wheel: Path, req: BuildRequest) -> dict:
-    required = _required_cubins(req.recipe, req.target)
+def verify_built(wheel: Path, req: BuildRequest, left_out: Mapping[str, str] = {}) -> dict:
+    required = {g: archs for g, archs in _required_cubins(req.recipe, req.target).items() if g not in left_out}
     report = verify_wheel(wheel, req.target, required or None, req.recipe.expect.get("ptx-only-ok", ()))
+    report = with_findings(report, (), [f"not expected: {g} ({why})" for g, why in sorted(left_out.items())])
     report.raise_for_failure()
     return report.to_dict()
 
@@ -393,9 +408,10 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
         raise BuildFailed(f"{req.recipe.name} build failed: {result.first_error or 'see the log'} "
                           f"(log: {log})")
     raw = _single_wheel(out, req.recipe)
-    check_expected_libraries(raw, req.recipe)
+    left_out = left_out_libraries(req, prepared.absent)
+    check_expected_libraries(raw, req.recipe, left_out)
     wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag, req.variant_tags), out)
-    verdict = verify_built(wheel, req)
+    verdict = verify_built(wheel, req, left_out)
     manifest: Manifest = {
         "package": req.recipe.name, "dist_name": req.recipe.dist_name,
         "version": wheel.name.split("-")[1], "stack": req.stack.name,
