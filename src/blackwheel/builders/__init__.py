@@ -17,13 +17,10 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in (PipWheel(), FlashInferAot(),
 
 
 def builder_for(recipe: Recipe) -> Builder:
-    """The builder a recipe names. A ``pip-wheel`` recipe that hands CMake arguments to its setup.py
-    (vLLM's) gets the vllm builder: recipes/vllm.toml keeps its word, since every wheel's build key
-    hashes the recipe file and a changed file would rebuild them all."""
-    name = "vllm" if recipe.builder == "pip-wheel" and "CMAKE_ARGS" in recipe.env else recipe.builder
-    if name not in BUILDERS:
+    """The builder a recipe names (``[package] builder``)."""
+    if recipe.builder not in BUILDERS:
         raise RecipeError(f"{recipe.path}: unknown builder {recipe.builder!r}; builders: {', '.join(BUILDERS)}")
-    return BUILDERS[name]
+    return BUILDERS[recipe.builder]
 
 
 __all__ = ["BUILDERS", "Builder", "BuildRequest", "Built", "Prepared", "builder_for"]
