@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import zipfile
+from tests.redisserver import start_redis  # noqa: F401  (fk.start_redis in the fault cases)
 from dataclasses import asdict
 from pathlib import Path
 
@@ -358,34 +359,3 @@ def check_built(root: Path, stack: str = "test", target: str = "gb10") -> tuple[
     except Exception as exc:  # noqa: BLE001 - any refusal is a problem of the trial
         problems.append(f"{type(exc).__name__}: {exc}")
     return problems, wheel
-
-
-def start_redis(where: Path) -> tuple[subprocess.Popen, str]:
-    """A real redis-server on a free port, no persistence; returns once it answers PING (10 s deadline)."""
-    import shutil
-    import socket
-
-    from blackwheel.toolchain.ccache import free_port
-
-    server = shutil.which("redis-server")
-    if server is None:
-        import pytest
-
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    where.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", str(where)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"redis-server on port {port} did not answer PING within 10 s")
-        time.sleep(0.05)

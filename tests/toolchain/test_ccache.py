@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
+from tests.redisserver import start_redis
 
 from blackwheel.toolchain import ccache
 
@@ -131,26 +130,8 @@ def redis_url(redis_proc):
 @pytest.fixture
 def redis_proc(tmp_path):
     """A real redis-server (no persistence) and its URL; stopped after the test unless already gone."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    port = ccache.free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("redis-server did not answer PING within 10 s")
-            time.sleep(0.1)
-    yield proc, f"redis://127.0.0.1:{port}/0"
+    proc, url = start_redis(tmp_path)
+    yield proc, url
     if proc.poll() is None:
         proc.terminate()
         proc.wait(timeout=10)
