@@ -190,6 +190,29 @@ def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tm
     assert "PARTIAL: 2 test(s) not run" in report_text(result)
 
 
+def test_a_file_that_does_not_import_fails_alone_and_says_why(upstream, tmp_path):
+    recipe, fetcher = upstream
+    sdist = tmp_path / "src" / "pkg-1.0"
+    (sdist / "tests" / "attention" / "test_broken_kernels.py").write_text(
+        "import torch_ops_that_are_not_there\n\ndef test_never():\n    pass\n")
+    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    path = Path(recipe.path)
+    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive))
+                    .replace('paths = ["tests/attention/test_decode_kernels.py"]',
+                             'paths = ["tests/attention/test_broken_kernels.py", "tests/attention/test_decode_kernels.py"]'))
+    result = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
+                                offline=True), tmp_path / "work")
+    assert result["files"]["tests/attention/test_broken_kernels.py"]["failed"] == 1
+    assert result["files"]["tests/attention/test_decode_kernels.py"]["passed"] == 5   # the others still ran
+    why = result["failure_reasons"]["tests/attention/test_broken_kernels.py"]
+    assert list(why) == ["ModuleNotFoundError: No module named 'torch_ops_that_are_not_there'"]
+    assert result["failure_reasons"]["tests/attention/test_decode_kernels.py"] == {
+        "assert 256 in (64, 128)": 2, "assert 1 == 2": 1}     # one cause, counted once per test
+    assert "failed in tests/attention/test_broken_kernels.py: 1 x ModuleNotFoundError" in report_text(result)
+
+
 def test_two_runs_at_once_in_one_work_folder_keep_their_own_files(upstream, tmp_path):
     recipe, fetcher = upstream
     work = tmp_path / "work"

@@ -63,17 +63,17 @@ lane_a() {
   BLACKWHEEL_GPU_RESULTS=$RES/e2e BLACKWHEEL_VLLM_E2E_EAGER=${EAGER:-0} timeout 900 python3 -m pytest \
       tests/gpu/test_vllm_e2e.py -q -p no:cacheprovider --junitxml=$RES/e2e.xml > $RES/e2e.log 2>&1
   say "e2e exit $?"; tail -3 $RES/e2e.log
-  for f in batch_prefill:300 shared_prefix:180; do
+  for f in batch_prefill:240 shared_prefix:120; do
     BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-${f%:*} timeout $(( ${f#*:} + 120 )) python3 -m blackwheel.cli \
         test-upstream flashinfer --mirror /tmp/fi-tests --only "tests/attention/test_${f%:*}_kernels.py" \
         --deadline-s ${f#*:} --out $RES/fi-${f%:*} > $RES/fi-${f%:*}.log 2>&1
     say "flashinfer ${f%:*} exit $?"
   done
 }
-lane_b() { vtests core 420 "tests/kernels/core/*"; }
-lane_c() { vtests cache 240 "tests/kernels/*cache*.py" "tests/kernels/attention/test_cache.py"
-           vtests flash_attn 300 tests/kernels/attention/test_flash_attn.py
-           vtests flashinfer 300 tests/kernels/attention/test_flashinfer.py; }
+lane_b() { vtests core 500 "tests/kernels/core/*"; }
+lane_c() { vtests cache 200 "tests/kernels/*cache*.py" "tests/kernels/attention/test_cache.py"
+           vtests flash_attn 250 tests/kernels/attention/test_flash_attn.py
+           vtests flashinfer 250 tests/kernels/attention/test_flashinfer.py; }
 lane_a & a=$!; lane_b & b=$!; lane_c & c=$!
 wait $a $b $c
 echo "RUN-END after $(( $(date +%s) - start )) s"

@@ -64,13 +64,20 @@ def parse_junit(path: Path) -> dict:
     files: dict[str, dict[str, int]] = {}
     missing: set[str] = set()
     reasons: dict[str, dict[str, int]] = {}
+    failures: dict[str, dict[str, int]] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        name = (case.get("file") or case.get("classname", "").replace(".", "/") + ".py")
+        # a file that failed to collect has no class: pytest puts its dotted path in the name
+        dotted = case.get("classname") or case.get("name", "")
+        name = case.get("file") or dotted.replace(".", "/") + ".py"
         name = name[name.find("tests/"):] if "tests/" in name else name   # as the recipe names it
         counts = files.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
         skipped = case.find("skipped")
-        if case.find("failure") is not None or case.find("error") is not None:
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
             counts["failed"] += 1
+            reason = _failure_reason(bad.get("message", ""), bad.text or "")
+            per_file = failures.setdefault(name, {})
+            per_file[reason] = per_file.get(reason, 0) + 1
         elif skipped is not None:
             message = skipped.get("message", "")
             m = MISSING_MODULE.search(f"{message} {skipped.text or ''}")
@@ -86,7 +93,16 @@ def parse_junit(path: Path) -> dict:
                 per_file[reason] = per_file.get(reason, 0) + 1
         else:
             counts["passed"] += 1
-    return {"files": files, "missing_modules": sorted(missing), "skip_reasons": reasons}
+    return {"files": files, "missing_modules": sorted(missing), "skip_reasons": reasons,
+            "failure_reasons": failures}
+
+
+def _failure_reason(message: str, text: str) -> str:
+    """A failure as one short line: the first ``E   ...`` line of pytest's text (the exception),
+    else its message, so that failures of one cause count together."""
+    errors = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]
+    line = errors[0] if errors else " ".join(message.split())
+    return line[:160] or "(no message)"
 
 
 def _skip_reason(message: str) -> str:
@@ -135,7 +151,9 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
            **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
     cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.reports.upstream_coverage",
            "-p", "blackwheel.reports.upstream_trace", "-p", "blackwheel.reports.upstream_deadline",
-           "-p", "no:cacheprovider", f"--junitxml={junit}", "-q", *pytest_args]
+           "-p", "no:cacheprovider", f"--junitxml={junit}", "-q",
+           # a file that does not import is that file's failure, not the end of the others' run
+           "--continue-on-collection-errors", *pytest_args]
     proc = subprocess.run(cmd, cwd=where, env=env)
     if not junit.is_file():
         raise UsageError(f"upstream tests of {recipe.name} did not run (pytest exit {proc.returncode}); "
@@ -166,6 +184,9 @@ def report_text(result: dict) -> str:
         lines.append("missing modules: " + ", ".join(result["missing_modules"]))
     if result.get("partial"):
         lines.append("PARTIAL: " + result["partial"])
+    for name, reasons in sorted(result.get("failure_reasons", {}).items()):
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"failed in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
     for name, reasons in sorted(result.get("skip_reasons", {}).items()):
         top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"skipped in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
