@@ -9,6 +9,9 @@
 #          tools/gpu/vllm-run.sh start             # unpack, install, then tests in the background
 #          tools/gpu/vllm-run.sh follow            # follow for up to 9 minutes more
 #          tools/gpu/vllm-run.sh collect           # counts, e2e JSON, logs into $OUT (one .tgz)
+#          tools/gpu/vllm-run.sh files S GLOB...   # again, one lane per test file, S s each, GPU alone
+# PRELOAD_LIBCUDA=1: for a vllm wheel built before the libcuda stub exported the driver's symbols
+# (its _C and cumem_allocator lack libcuda.so.1 in NEEDED and do not load otherwise).
 # The run, in three lanes on the one GPU, each file with a deadline (test-upstream --deadline-s), so
 # a file that runs long still ends with its counts:
 #   A: tests/gpu/test_vllm_e2e.py (FlashInfer and FlashAttention backends), then FlashInfer's own
@@ -20,6 +23,7 @@ cd "$(dirname "$0")/../.."
 UNP=/tmp/unp
 export PYTHONPATH=/tmp/vsite:$PWD/src PATH=/tmp/vsite/bin:$PATH BLACKWHEEL_CACHE=/tmp/bw-cache \
        BLACKWHEEL_OFFLINE=1 BLACKWHEEL_WORKDIR=/tmp/bw-work PYTHONUNBUFFERED=1
+[ "${PRELOAD_LIBCUDA:-0}" = 1 ] && export LD_PRELOAD=$(ldconfig -p | awk '/libcuda.so.1 /{print $NF; exit}')
 OUT=${OUT:-$PWD/gpu-out}
 LOG=/tmp/vllm-run.log
 RES=/tmp/vllm-res
@@ -46,6 +50,7 @@ start)
   mkdir -p /tmp/vmirror/pypi $RES && ln -sf $UNP/vllm-*.tar.gz /tmp/vmirror/pypi/
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
   python3 -c "import vllm, flashinfer, torch; print('vllm', vllm.__version__, 'flashinfer', flashinfer.__version__, 'torch', torch.__version__)" || exit 7
+  [ "${LANES:-1}" = 0 ] && { echo "installed; LANES=0: no lanes started"; exit 0; }
   cat > /tmp/vllm-lanes.sh <<'SH'
 #!/bin/bash
 RES=/tmp/vllm-res; start=$(date +%s)
@@ -84,9 +89,19 @@ SH
   follow ${FOLLOW_S:-400} ;;
 follow)
   follow ${FOLLOW_S:-540} ;;
+files)   # after start: each file in a lane of its own, all at once, S seconds each
+  cap=${2:?seconds per file}; shift 2; start=$SECONDS
+  for f in "$@"; do
+    n=$(basename "$f" .py)
+    BLACKWHEEL_WORKDIR=/tmp/bw-work/$n FLASHINFER_DISABLE_JIT=1 timeout $((cap + 120)) python3 -m blackwheel.cli \
+        test-upstream vllm --mirror /tmp/vmirror --only "$f" --deadline-s $cap --out $RES/again-$n \
+        > $RES/again-$n.log 2>&1 &
+  done
+  wait; echo "files: $# lanes ended after $((SECONDS - start)) s"
+  for f in "$@"; do n=$(basename "$f" .py); echo "== $n"; grep -E "^\| total|PARTIAL|^failed in|^skipped in" $RES/again-$n.log | cut -c1-300; done ;;
 collect)
   mkdir -p "$OUT"; cp $LOG $RES/ 2>/dev/null
   tar czf "$OUT/vllm-res.tgz" -C /tmp vllm-res && ls -la "$OUT" ;;
 *)
-  echo "usage: $0 pack | start | follow | collect" >&2; exit 2 ;;
+  echo "usage: $0 pack | start | follow | collect | files S GLOB..." >&2; exit 2 ;;
 esac
