@@ -297,6 +297,8 @@ def test_libcuda_stub_only_when_the_toolkit_has_none(tmp_path: Path) -> None:
     assert "FLASHINFER_EXTRA_LDFLAGS" not in fa.with_libcuda_stub({"CUDA_HOME": str(full)}, tmp_path / "b1")
     if shutil.which("c++") is None:
         pytest.skip("no host C++ compiler")
+    (tmp_path / "slim" / "include").mkdir(parents=True)     # headers, but no libcuda
+    (tmp_path / "slim" / "include" / "cuda.h").write_text("typedef int CUresult;\nCUresult cuInit(unsigned);\n")
     env = fa.with_libcuda_stub({"CUDA_HOME": str(tmp_path / "slim")}, tmp_path / "b2")
     stub = tmp_path / "b2" / "stubs" / "libcuda.so"
     assert env["FLASHINFER_EXTRA_LDFLAGS"] == f"-L{stub.parent}"

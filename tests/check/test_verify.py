@@ -266,3 +266,28 @@ def test_trace_check_names_the_module_the_wheel_lacks(objects, capsys, tmp_path)
     assert run_cli(["verify", str(whole), "--target", "gb10", "--trace", str(GB10_TRACE)]) == 0
     out = capsys.readouterr().out
     assert f"{len(traced)} module(s) asked for, 0 missing; the wheel holds 1 more" in out
+
+
+def test_a_library_that_calls_the_driver_without_linking_libcuda_fails(tmp_path):
+    """vLLM's _C built against an empty libcuda stub: cuTensorMapEncodeTiled undefined, libcuda.so.1
+    not in NEEDED; it loaded on the GPU machine only with libcuda preloaded."""
+    if shutil.which("cc") is None:
+        pytest.skip("no host C compiler")
+    import subprocess
+    src = tmp_path / "c.c"
+    src.write_text("int cuTensorMapEncodeTiled(void *, int);\nint cuInit(unsigned);\n"
+                   "int f(void) { return cuInit(0) + cuTensorMapEncodeTiled(0, 1); }\n")
+    lib = tmp_path / "wheel" / "_C.abi3.so"
+    lib.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)   # undefined, allowed
+    result = verify_paths(tmp_path / "wheel", TARGETS["hopper"])
+    line = [f for f in result.failures if "libcuda" in f]
+    assert line == ["_C.abi3.so: calls 2 CUDA driver function(s) (cuInit, cuTensorMapEncodeTiled) but does not link "
+                    "libcuda.so.1 (not in its NEEDED): it fails to load with 'undefined symbol'"]
+    # the same library linked to a libcuda passes this check
+    stub = tmp_path / "stub" / "libcuda.so"
+    stub.parent.mkdir()
+    (tmp_path / "s.c").write_text("int cuInit(unsigned x) { return 0; }\nint cuTensorMapEncodeTiled(void *m, int r) { return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "s.c"), "-Wl,-soname,libcuda.so.1", "-o", str(stub)], check=True)
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), f"-L{stub.parent}", "-lcuda", "-o", str(lib)], check=True)
+    assert not [f for f in verify_paths(tmp_path / "wheel", TARGETS["hopper"]).failures if "libcuda" in f]

@@ -261,3 +261,80 @@ def test_torch_probe_is_kept_per_torch_install(tmp_path, monkeypatch):
                         tc._TORCH_IDENTITY.replace('find_spec("torch")', 'find_spec("no_such_torch_module")'))
     with pytest.raises(ToolchainError, match="no module named 'torch'"):
         tc.probe_torch(sys.executable, tmp_path / "cache")
+
+
+FAKE_CUDA_H = """
+typedef int CUresult;
+#define CUDAAPI
+#define cuGetProcAddress cuGetProcAddress_v2
+CUresult CUDAAPI cuInit(unsigned int flags);
+CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn);
+CUresult CUDAAPI cuTensorMapEncodeTiled(void *map, int rank);
+typedef unsigned int cuuint32_t;
+"""
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
+
+
+def slim_toolkit(root: Path) -> Path:
+    """A toolkit with cuda.h and no libcuda anywhere (no driver, no lib64/stubs)."""
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda.h").write_text(FAKE_CUDA_H)
+    return root
+
+
+def needed_of(path: Path) -> list[str]:
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        return [t.needed for t in ELFFile(f).get_section_by_name(".dynamic").iter_tags() if t.entry.d_tag == "DT_NEEDED"]
+
+
+def link_driver_caller(tmp_path: Path, libdir: Path) -> Path:
+    """A library that calls cuTensorMapEncodeTiled, linked as vLLM's _C is: -lcuda with --as-needed."""
+    src = tmp_path / "caller.c"
+    src.write_text("int cuTensorMapEncodeTiled(void *, int);\nint call(void) { return cuTensorMapEncodeTiled(0, 1); }\n")
+    out = tmp_path / "caller.so"
+    import subprocess
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), f"-L{libdir}", "-Wl,--as-needed", "-lcuda", "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_driver_api_names_are_the_linked_names(tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no host C compiler")
+    names = toolchain.driver_api_names(slim_toolkit(tmp_path / "cuda"), "cc")
+    assert names == ["cuGetProcAddress_v2", "cuInit", "cuTensorMapEncodeTiled"]   # the #define applied
+    with pytest.raises(ToolchainError, match=r"cuda.h not found"):
+        toolchain.driver_api_names(tmp_path / "nothing", "cc")
+
+
+@needs_cc
+def test_a_library_linked_with_as_needed_against_the_stub_names_libcuda(tmp_path):
+    cuda = slim_toolkit(tmp_path / "cuda")
+    stub = toolchain.libcuda_stub(cuda, tmp_path / "stubs")
+    assert needed_of(link_driver_caller(tmp_path, stub.parent)).count("libcuda.so.1") == 1
+    # an empty stub (what this function built before) is dropped by --as-needed: the defect
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import subprocess
+    subprocess.run(["cc", "-shared", "-x", "c", "/dev/null", "-Wl,-soname,libcuda.so.1", "-o", str(empty / "libcuda.so")],
+                   check=True)
+    (tmp_path / "old").mkdir()
+    assert "libcuda.so.1" not in needed_of(link_driver_caller(tmp_path / "old", empty))
+
+
+@needs_cc
+def test_the_stub_is_rebuilt_when_the_header_changes_and_kept_otherwise(tmp_path):
+    cuda = slim_toolkit(tmp_path / "cuda")
+    stub = toolchain.libcuda_stub(cuda, tmp_path / "stubs")
+    first = stub.stat().st_mtime_ns
+    assert toolchain.libcuda_stub(cuda, tmp_path / "stubs").stat().st_mtime_ns == first
+    (cuda / "include" / "cuda.h").write_text(FAKE_CUDA_H + "CUresult CUDAAPI cuLaunchKernel(void *f);\n")
+    toolchain.libcuda_stub(cuda, tmp_path / "stubs")
+    assert "cuLaunchKernel" in (tmp_path / "stubs" / "libcuda.stub.c").read_text()
+    assert [p.name for p in (tmp_path / "stubs").iterdir() if p.name.startswith(".")] == []   # no temporaries
+    # a toolkit with its own stubs gets none of ours
+    (cuda / "lib64" / "stubs").mkdir(parents=True)
+    (cuda / "lib64" / "stubs" / "libcuda.so").write_bytes(b"")
+    assert toolchain.libcuda_stub(cuda, tmp_path / "other") is None

@@ -9,13 +9,13 @@
 #          tools/gpu/vllm-run.sh start             # unpack, install, then tests in the background
 #          tools/gpu/vllm-run.sh follow            # follow for up to 9 minutes more
 #          tools/gpu/vllm-run.sh collect           # counts, e2e JSON, logs into $OUT (one .tgz)
-#          tools/gpu/vllm-run.sh files S GLOB...   # again, one lane per test file, S s each, GPU alone
+#          tools/gpu/vllm-run.sh files S GLOB...   # then: one lane per test file, all at once, S s each
 # PRELOAD_LIBCUDA=1: for a vllm wheel built before the libcuda stub exported the driver's symbols
 # (its _C and cumem_allocator lack libcuda.so.1 in NEEDED and do not load otherwise).
-# The run, in three lanes on the one GPU, each file with a deadline (test-upstream --deadline-s), so
-# a file that runs long still ends with its counts:
-#   A: tests/gpu/test_vllm_e2e.py (FlashInfer and FlashAttention backends), then FlashInfer's own
-#      attention tests left from the kernel-set run;
+# The run: first tests/gpu/test_vllm_e2e.py alone (FlashInfer and FlashAttention backends), then
+# three lanes on the one GPU, each file with a deadline (test-upstream --deadline-s), so a file that
+# runs long still ends with its counts:
+#   A: FlashInfer's own attention tests left from the kernel-set run;
 #   B: vLLM's tests/kernels/core (layernorm, activation, rotary embedding, positional encoding);
 #   C: vLLM's cache tests, then its FlashAttention and FlashInfer attention tests.
 set -u
@@ -63,11 +63,13 @@ vtests() {  # NAME DEADLINE_S FILE...: vLLM's own tests from the sdist, a work f
       --mirror /tmp/vmirror --only "$@" --deadline-s $cap --out $RES/vllm-$name > $RES/vllm-$name.log 2>&1
   say "vllm $name exit $?"; grep -E "^\| total|PARTIAL" $RES/vllm-$name.log
 }
-lane_a() {
+e2e() {   # alone on the GPU: vLLM's memory profiling fails when another process frees memory meanwhile
   say "e2e starts"
   BLACKWHEEL_GPU_RESULTS=$RES/e2e BLACKWHEEL_VLLM_E2E_EAGER=${EAGER:-0} timeout 900 python3 -m pytest \
       tests/gpu/test_vllm_e2e.py -q -p no:cacheprovider --junitxml=$RES/e2e.xml > $RES/e2e.log 2>&1
   say "e2e exit $?"; tail -3 $RES/e2e.log
+}
+lane_a() {
   for f in batch_prefill:240 shared_prefix:120; do
     BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-${f%:*} timeout $(( ${f#*:} + 120 )) python3 -m blackwheel.cli \
         test-upstream flashinfer --mirror /tmp/fi-tests --only "tests/attention/test_${f%:*}_kernels.py" \
@@ -79,6 +81,7 @@ lane_b() { vtests core 500 "tests/kernels/core/*"; }
 lane_c() { vtests cache 200 "tests/kernels/*cache*.py" "tests/kernels/attention/test_cache.py"
            vtests flash_attn 250 tests/kernels/attention/test_flash_attn.py
            vtests flashinfer 250 tests/kernels/attention/test_flashinfer.py; }
+e2e
 lane_a & a=$!; lane_b & b=$!; lane_c & c=$!
 wait $a $b $c
 echo "RUN-END after $(( $(date +%s) - start )) s"

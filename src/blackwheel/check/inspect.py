@@ -79,6 +79,14 @@ class ObjectReport:
     lto: tuple[CudaArch, ...] = ()
     compression: tuple[str, ...] = ()
     units: Units = ()
+    needed: tuple[str, ...] = ()          # DT_NEEDED: the libraries the loader brings in with it
+    driver_calls: tuple[str, ...] = ()    # CUDA driver functions (cuXxx) it leaves for libcuda
+
+    @property
+    def driver_unlinked(self) -> bool:
+        """It calls the CUDA driver but does not name libcuda: it loads only where something else
+        has put libcuda in the global scope already."""
+        return bool(self.driver_calls) and not any(n.startswith("libcuda.so") for n in self.needed)
 
     @property
     def has_cuda(self) -> bool:
@@ -97,6 +105,8 @@ class ObjectReport:
             "lto": [str(a) for a in self.lto],
             "compression": list(self.compression),
             "units": [{"cubins": [str(a) for a in archs], "count": n} for archs, n in self.units],
+            "needed": list(self.needed),
+            "driver_calls": list(self.driver_calls),
             "error": self.error,
         }
 
@@ -107,7 +117,8 @@ class ObjectReport:
 
         units = tuple((tuple(CudaArch.parse(a) for a in u["cubins"]), u["count"]) for u in d.get("units", ()))
         return cls(d["path"], archs("cubins"), archs("ptx"), d.get("error"), archs("lto"),
-                   tuple(d.get("compression", ())), units)
+                   tuple(d.get("compression", ())), units, tuple(d.get("needed", ())),
+                   tuple(d.get("driver_calls", ())))
 
 
 @dataclass(frozen=True)
@@ -246,7 +257,9 @@ def _count_units(units: list[list[FatbinEntry]]) -> Units:
 def inspect_elf(path: str, stream) -> ObjectReport:
     """Read one ELF file from a seekable binary stream; errors become ``ObjectReport.error``."""
     try:
-        units = _object_units(ELFFile(stream))
+        elf = ELFFile(stream)
+        units = _object_units(elf)
+        needed, driver_calls = _links(elf)
     except (ELFError, CorruptObject, struct.error, UsageError, ValueError, OSError) as exc:
         return ObjectReport(path, error=_one_line(exc))
 
@@ -256,7 +269,20 @@ def inspect_elf(path: str, stream) -> ObjectReport:
         return tuple(sorted({e.arch for e in entries if e.kind == kind}))
 
     codecs = tuple(sorted({e.compression for e in entries if e.compression}))
-    return ObjectReport(path, archs("cubin"), archs("ptx"), None, archs("lto"), codecs, _count_units(units))
+    return ObjectReport(path, archs("cubin"), archs("ptx"), None, archs("lto"), codecs, _count_units(units),
+                        needed, driver_calls)
+
+
+DRIVER_SYMBOL = re.compile(r"cu[A-Z]\w*")     # the driver API (cuLaunchKernel); cudaXxx is the runtime
+
+
+def _links(elf: ELFFile) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(DT_NEEDED entries, undefined dynamic symbols that are CUDA driver functions)."""
+    dynamic, dynsym = elf.get_section_by_name(".dynamic"), elf.get_section_by_name(".dynsym")
+    needed = tuple(t.needed for t in dynamic.iter_tags() if t.entry.d_tag == "DT_NEEDED") if dynamic else ()
+    calls = sorted({sym.name for sym in dynsym.iter_symbols()
+                    if sym["st_shndx"] == "SHN_UNDEF" and DRIVER_SYMBOL.fullmatch(sym.name)}) if dynsym else []
+    return needed, tuple(calls)
 
 
 def _one_line(exc: BaseException) -> str:

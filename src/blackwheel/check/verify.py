@@ -119,6 +119,17 @@ def _device_failures(obj: ObjectReport, target: Target, served_by_jit: Iterable[
     return failures
 
 
+def _link_failures(obj: ObjectReport) -> list[str]:
+    """A library that calls the driver without naming libcuda.so.1 fails to load (``undefined
+    symbol``) unless the process loaded libcuda globally first: a build host's empty libcuda stub
+    dropped by ``--as-needed`` makes such libraries."""
+    if not obj.driver_unlinked:
+        return []
+    some = ", ".join(obj.driver_calls[:3]) + (", ..." if len(obj.driver_calls) > 3 else "")
+    return [f"{obj.path}: calls {len(obj.driver_calls)} CUDA driver function(s) ({some}) but does not "
+            f"link libcuda.so.1 (not in its NEEDED): it fails to load with 'undefined symbol'"]
+
+
 def _matches(obj: ObjectReport, glob: str) -> bool:
     return fnmatch(obj.path, glob) or fnmatch(PurePosixPath(obj.path).name, glob)
 
@@ -161,6 +172,7 @@ def verify_paths(inputs: Inputs, target: Target, required: Required | None = Non
     objects = tuple(o for r in reports for o in r.objects)
     sources = tuple(r.source for r in reports)
     failures = [f"{o.path}: could not read: {o.error}" for o in objects if o.error]
+    failures += [line for o in objects for line in _link_failures(o)]
     cuda = [o for o in objects if o.has_cuda]
     if not cuda:
         failures.append(f"{', '.join(sources)}: no CUDA code at all (no cubin or PTX in any ELF file); "

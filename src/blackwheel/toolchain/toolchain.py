@@ -183,20 +183,47 @@ def check(tc: Toolchain, stack_torch: str, gcc: SpecifierSet | None, package: st
                              f"{tc.host_compiler_version} (set CXX/CC to a newer one)")
 
 
-def libcuda_stub(cuda_home: Path, where: Path, cxx: str = "c++") -> Path | None:
-    """An empty ``libcuda.so`` to link against on a build host without a driver or the toolkit's
-    stubs (a slim CUDA image); None when the toolkit has its own.
+DRIVER_FUNCTION = re.compile(r"\b(cu[A-Z]\w*)\s*\(")
 
-    A shared library may leave symbols undefined, so an empty library with the driver's soname is
-    enough: what links against it records ``libcuda.so.1``, which the real driver resolves at load."""
+
+def driver_api_names(cuda_home: Path, cc: str = "cc") -> list[str]:
+    """Every CUDA driver API function ``cuda.h`` declares, under the names it links by (the
+    header's ``#define cuX cuX_v2`` applied: the preprocessor's output is read, not the text)."""
+    header = Path(cuda_home) / "include" / "cuda.h"
+    if not header.is_file():
+        raise ToolchainError(f"{header} not found: a CUDA toolkit's headers are needed to build against it")
+    proc = subprocess.run([cc, "-E", "-P", "-x", "c", f"-I{header.parent}", "-"], input="#include <cuda.h>\n",
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolchainError(f"cannot preprocess {header} with {cc}: {proc.stderr.strip().splitlines()[-1:]}")
+    return sorted(set(DRIVER_FUNCTION.findall(proc.stdout)))
+
+
+def libcuda_stub(cuda_home: Path, where: Path, cxx: str = "c++") -> Path | None:
+    """A ``libcuda.so`` to link against on a build host without a driver or the toolkit's stubs
+    (a slim CUDA image); None when the toolkit has its own.
+
+    Like the toolkit's own stub it defines every driver function ``cuda.h`` declares, under the
+    driver's soname. An empty library is not enough: a link with ``--as-needed`` (torch's
+    extensions and vLLM's ``_C`` link so) drops a library that defines none of the symbols used,
+    and the result, lacking ``libcuda.so.1`` in NEEDED, fails to load with ``undefined symbol:
+    cuTensorMapEncodeTiled`` (``verify`` names such a library). Rebuilt when the header changes."""
     if any((Path(cuda_home) / p).exists() for p in ("lib64/stubs/libcuda.so", "lib64/libcuda.so")):
         return None
-    stub = Path(where) / "libcuda.so"
-    if not stub.exists():
-        stub.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [cxx, "-shared", "-x", "c++", "/dev/null", "-Wl,-soname,libcuda.so.1", "-o", str(stub)]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            raise ToolchainError(f"cannot build a libcuda stub with {cxx}: is a host C++ compiler installed?")
+    cc = "cc" if shutil.which("cc") else cxx
+    source = "".join(f"void {name}(void) {{}}\n" for name in driver_api_names(cuda_home, cc))
+    stub, recorded = Path(where) / "libcuda.so", Path(where) / "libcuda.stub.c"
+    if stub.exists() and recorded.is_file() and recorded.read_text() == source:
+        return stub.resolve()
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    tmp_src, tmp_so = stub.with_name(f".libcuda.{os.getpid()}.c"), stub.with_name(f".libcuda.{os.getpid()}.so")
+    tmp_src.write_text(source)
+    cmd = [cc, "-shared", "-fPIC", "-x", "c", str(tmp_src), "-Wl,-soname,libcuda.so.1", "-o", str(tmp_so)]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        tmp_src.unlink(missing_ok=True)
+        raise ToolchainError(f"cannot build a libcuda stub with {cc}: is a host C compiler installed?")
+    os.replace(tmp_so, stub)
+    os.replace(tmp_src, recorded)
     return stub.resolve()
 
 
