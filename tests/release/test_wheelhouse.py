@@ -195,3 +195,43 @@ def test_find_reusable_skips_broken_manifests(tmp_path):
     assert find_reusable(root, "s", "gb10", "pkg-x", "k1") is None
     final = place(make_wheel(tmp_path), {"package": "pkg-x", "build_key": "k1"}, root, "s", "gb10")
     assert find_reusable(root, "s", "gb10", "pkg-x", "k1")["wheel"] == final.name
+
+
+def _clash_wheel(where: Path, value: int) -> Path:
+    """The one wheel name, with bytes of its own (a zip comment)."""
+    where.mkdir(parents=True)
+    wheel = make_wheel(where)
+    with zipfile.ZipFile(wheel, "a") as zf:
+        zf.comment = f"build {value}".encode()
+    return wheel
+
+
+def _manifest() -> dict:
+    return {"package": "pkg-x", "version": "1.0", "stack": "s", "target": "gb10", "build_key": "k1",
+            "sources": [], "patches": [], "toolchain": {}, "verify": {"ok": True}}
+
+
+def test_a_name_takes_one_set_of_bytes_in_the_whole_wheelhouse(tmp_path):
+    """Two stacks that build one file name with different bytes: the first placement wins, the second
+    is refused naming both hashes, and the wheelhouse stays indexable. Same bytes, or a rebuild that
+    replaces its own file, pass."""
+    from blackwheel.core.errors import PublishError
+    from blackwheel.release.index import build_static_index
+    first, second = (_clash_wheel(tmp_path / f"in{v}", v) for v in (1, 2))
+    root = tmp_path / "wh"
+    placed = place(first, _manifest(), root, "stack-a", "gb10")
+    with pytest.raises(PublishError) as refused:
+        place(second, _manifest(), root, "stack-b", "gb10")
+    message = str(refused.value)
+    assert sha256_file(first) in message and sha256_file(second) in message and "stack-a/gb10/" in message
+    assert not (root / "stack-b" / "gb10" / second.name).exists()
+    assert not [p for p in (root / "stack-b" / "gb10").iterdir()]          # nothing half-placed
+    assert [w.sha256 for w in build_static_index(root, allow_unverified=True).wheels] == [sha256_file(placed)]
+    place(first, _manifest(), root, "stack-b", "gb10")                      # the same bytes: fine
+    # a rebuild replacing the file in its own folder is not a second body; the other stack still holds
+    # the first bytes, so it is refused there too until that one goes
+    with pytest.raises(PublishError):
+        place(second, _manifest(), root, "stack-a", "gb10")
+    (root / "stack-b" / "gb10" / first.name).unlink()
+    place(second, _manifest(), root, "stack-a", "gb10")
+    assert sha256_file(root / "stack-a" / "gb10" / first.name) == sha256_file(second)

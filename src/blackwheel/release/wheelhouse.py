@@ -20,7 +20,7 @@ from pathlib import Path
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
-from ..core.errors import BuildFailed
+from ..core.errors import BuildFailed, PublishError
 from ..core.settings import Settings
 from .manifest import SUFFIX, Manifest, try_read, write_beside
 from ..core.fsutil import _temp_beside, disk_full, flocked, record_hash, sha256_file
@@ -120,7 +120,10 @@ def place(wheel: Path, manifest: Manifest, root: Path, stack: str, target: str) 
     try:
         shutil.copyfile(wheel, tmp)   # streamed: a jit-cache wheel is ~2 GB
         sha, size = sha256_file(tmp), os.path.getsize(tmp)
-        with flocked(where):   # another placement of this name between our manifest and rename would mismatch them
+        # One lock for the whole wheelhouse: another placement of this name between our manifest and
+        # rename would mismatch them, and a name must not arrive twice with different bytes meanwhile.
+        with flocked(root):
+            _refuse_a_second_body(root, final, sha)
             write_beside(wheel.name, where, manifest, sha, size)
             os.replace(tmp, final)
     except BaseException as exc:
@@ -130,6 +133,22 @@ def place(wheel: Path, manifest: Manifest, root: Path, stack: str, target: str) 
                               "and rerun (nothing half-written was left in the wheelhouse)") from None
         raise
     return final
+
+
+def _refuse_a_second_body(root: Path, final: Path, sha: str) -> None:
+    """One file name, one set of bytes, in the whole wheelhouse: a static index serves one file per
+    name, and an index refuses a wheelhouse that holds two. Refused here, under the wheelhouse lock,
+    the first placement of a name wins and the second is told why (both hashes); the same bytes in
+    another stack, or a rebuild replacing this very file, pass."""
+    for other in sorted(root.glob(f"*/*/{final.name}")):
+        if other == final or (other.parents[1] / "simple" / "index.json").is_file():   # a static index's files/
+            continue
+        placed = try_read(other.parent / (other.name + SUFFIX))
+        if placed is not None and placed.get("wheel_sha256") not in (None, sha):
+            raise PublishError(
+                f"{final.name} is already in the wheelhouse as {other.relative_to(root)} with sha256 "
+                f"{placed['wheel_sha256']}; this one has sha256 {sha}: one name, one set of bytes (an index "
+                "serves one file per name); give this build a different local version, or remove the other")
 
 
 def wheels(root: Path, stack: str | None = None, target: str | None = None) -> list[Path]:
