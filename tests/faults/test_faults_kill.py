@@ -89,7 +89,10 @@ def test_kill_during_fetch_leaves_nothing_partial_and_a_rerun_completes(world, v
                     problems.append(f"rerun gave {again}, the un-killed run {reference}")
             except Exception as exc:  # noqa: BLE001 - any failure of the rerun is a lost trial
                 problems.append(f"rerun failed: {type(exc).__name__}: {exc}")
-            problems += fk.check_cache(cache)[0]
+            more, after = fk.check_cache(cache)
+            problems += more
+            if after:   # the rerun's fetcher sweeps what the killed one left
+                problems.append(f"temporaries left after the rerun: {after}")
             trials.append({"point": point, "delay_s": delay, "killed": killed, "problems": problems,
                            "leftovers": leftovers})
             shutil.rmtree(cache, ignore_errors=True)
@@ -150,8 +153,10 @@ def test_kill_during_place_and_index_leaves_whole_or_nothing(wheelhouse_before, 
                 provenance(final)                 # refuses a manifest describing other bytes
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"rerun failed: {type(exc).__name__}: {exc}")
-            more, _ = fk.check_wheelhouse(root)
+            more, after = fk.check_wheelhouse(root)
             problems += more + fk.check_index(root / "index")
+            if after:   # the rerun's placement and index sweep what the killed one left
+                problems.append(f"temporaries left after the rerun: {after}")
             trials.append({"point": point, "delay_s": delay, "killed": killed, "visible_after_kill": visible,
                            "problems": problems, "leftovers": leftovers})
             shutil.rmtree(root, ignore_errors=True)

@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -40,7 +39,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from ..toolchain import jobs as jobs_mod
 from ..toolchain.jobserver import ninja_jobs_args
 from ..core.errors import BuildFailed, RecipeError, ToolchainError, UsageError
-from ..core.fsutil import atomic_write_json, record_hash, sha256_file, tree_sha256
+from ..core.fsutil import _temp_beside, atomic_write_json, record_hash, sha256_file, tree_sha256
 from ..toolchain.interrupt import SignalsRaise
 from ..toolchain.progress import MemorySampler, RunResult, end_build, first_error
 from ..core.recipe import serves
@@ -554,7 +553,7 @@ def graft_modules(base_wheel: Path, modules: Sequence[AotModule], archs: Sequenc
     listing = {"archs": [a.dotted for a in archs], "modules": sorted(m.name for m in modules)}
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{dist}-{new_version}-{tag}.whl"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=out_dir)
+    fd, tmp = _temp_beside(target)
     os.close(fd)
     try:
         _write_grafted(base_wheel, Path(tmp), modules, listing, (old_info, new_info, new_version, tag))

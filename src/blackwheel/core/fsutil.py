@@ -8,11 +8,15 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from . import procs
 
 CHUNK = 1 << 20
 
@@ -62,10 +66,46 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+# Temporaries carry their writer's pid and start time (".NAME.bw<pid>_<start>.<random>"), so that
+# what a killed writer left behind is known as such and swept by the next writer in that folder.
+OWNED = re.compile(r"\.bw(\d+)_(\d+)\.")
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary for ``name``: hidden, and marked with this process."""
+    pid, start = procs.me()
+    return f".{name}.bw{pid}_{start}."
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporaries in ``folder`` whose writer no longer runs (killed before it could
+    clean up); returns their names. Another process's live temporaries, and anything unmarked,
+    stay. Never read by anything, they would only pile up."""
+    gone = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return gone
+    for entry in entries:
+        owner = OWNED.search(entry.name) if entry.name.startswith(".") else None
+        if owner is None or procs.running(int(owner.group(1)), int(owner.group(2))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            gone.append(entry.name)
+        except FileNotFoundError:   # another sweeper was first
+            pass
+    return gone
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A temporary file next to ``path``, with the mode a plain open() would give (not mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    sweep_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".part", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
@@ -119,3 +159,12 @@ def flocked(folder: str | os.PathLike, on_wait: Callable[[], None] | None = None
         yield waited
     finally:
         os.close(fd)
+
+
+def temp_dir_beside(path: str | os.PathLike, suffix: str = "") -> Path:
+    """A marked temporary folder next to ``path`` (after sweeping the orphans there), to be renamed
+    into place when whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(path.parent)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent))

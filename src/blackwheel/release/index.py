@@ -23,7 +23,6 @@ import html
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -34,7 +33,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import Version
 
 from ..core.errors import PublishError
-from ..core.fsutil import sha256_file
+from ..core.fsutil import sha256_file, temp_dir_beside
 from .manifest import SUFFIX as MANIFEST_SUFFIX
 from .manifest import checked_manifest, verify_refusal
 from .provenance import SBOM_SUFFIX, sbom_bytes
@@ -248,7 +247,7 @@ def _swap_in(new: Path, out: Path) -> None:
     elif _exchange(new, out):
         shutil.rmtree(new)  # it now holds the previous index
     else:  # two renames: a reader may briefly find no index, never half of one
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = temp_dir_beside(out, ".old")
         os.rename(out, old / out.name)
         os.rename(new, out)
         shutil.rmtree(old)
@@ -278,7 +277,7 @@ def build_static_index(wheelhouse: Path, out: Path | None = None, *, stack: str 
     _check_out(out)
     wheels = select_wheels(find_wheels(wheelhouse, stack, target, skip=out), allow_unverified)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    tmp = temp_dir_beside(out, ".new")
     try:
         _fill(tmp, wheels)
         if same_tree(tmp, out):

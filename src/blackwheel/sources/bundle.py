@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import mirror as stores
 from ..core.errors import HashMismatch, SourceError
-from ..core.fsutil import atomic_write_json, disk_full, sha256_file
+from ..core.fsutil import atomic_write_json, disk_full, sha256_file, temp_dir_beside, temp_prefix
 
 FORMAT = "blackwheel-source-bundle/1"
 PACK = "git/objects.pack"
@@ -87,7 +87,7 @@ def write_bundle(sources, fetcher, out: Path, meta: dict) -> dict:
             record["separate_bytes"] = path.stat().st_size
         separate += record["separate_bytes"]
         entries.append(record)
-    with tempfile.TemporaryDirectory(prefix="bw-bundle-", dir=fetcher.tmp_root()) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bundle"), dir=fetcher.tmp_root()) as tmp:
         pack = Path(tmp) / "objects.pack"
         _write_pack(git_pins, pack, Path(tmp))
         part = out.with_name(f".{out.name}.part")
@@ -178,8 +178,7 @@ def open_bundle(path: Path, cache: Path) -> OpenedBundle:
     root = Path(cache) / "bundles" / digest[:32]
     if (root / "bundle.json").is_file():
         return OpenedBundle(root, json.loads((root / "bundle.json").read_text()))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = temp_dir_beside(root)
     try:
         meta = _unpack(path, tmp)
         try:

@@ -53,7 +53,8 @@ from ..core.recipe import load_recipe
 from ..core.settings import Settings
 from ..core.source import Source
 from ..core.errors import HashMismatch, MissingOffline, SourceError, UnsafeArchive, UsageError
-from ..core.fsutil import atomic_write_json, disk_full, sha256_file, tree_sha256
+from ..core.fsutil import (atomic_write_json, disk_full, sha256_file, sweep_temporaries, temp_dir_beside,
+                           temp_prefix, tree_sha256)
 
 # ---- the cache and the mirror ----------------------------------------------------------------------
 def default_cache_dir() -> Path:
@@ -73,6 +74,17 @@ class Fetcher:
     mirror: Path | None = None
     offline: bool = False
     allow_absent: bool = False
+
+    def __post_init__(self) -> None:
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove the temporaries that killed fetches left in the cache (their writers are gone);
+        a live fetch's stay. Nothing reads them; this keeps them from piling up."""
+        folders = [self.cache / "tmp", self.cache / "sources" / "git", self.cache / "bundles"]
+        sha_root = self.cache / "sources" / "sha256"
+        folders += sorted(p for p in sha_root.iterdir() if p.is_dir()) if sha_root.is_dir() else []
+        return [name for folder in folders for name in sweep_temporaries(folder)]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Fetcher":
@@ -111,7 +123,7 @@ class Fetcher:
                                  f"cache nor the mirror {self._mirror_hint(src)}")
         url, filename = (self._pypi_url(src) if src.kind == "pypi"
                          else (src.url, Path(urllib.parse.urlparse(src.url).path).name))
-        with tempfile.TemporaryDirectory(dir=self.tmp_root()) as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("tmp"), dir=self.tmp_root()) as tmp:
             part = Path(tmp) / filename
             _download(url, part)
             return self._store_archive(part, src, filename)
@@ -169,8 +181,10 @@ class Fetcher:
 
     # -- archives
     def tmp_root(self) -> Path:
+        """The cache's scratch folder, swept of what killed fetches left there."""
         root = self.cache / "tmp"
         root.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(root)
         return root
 
     def _cached_archive(self, sha: str) -> Path | None:
@@ -192,7 +206,8 @@ class Fetcher:
             raise HashMismatch(f"{src.label}: sha256 {actual} differs from the pin {src.sha256}")
         dest = self.cache / "sources" / "sha256" / actual / filename
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=dest.parent)
+        sweep_temporaries(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(filename), suffix=".part", dir=dest.parent)
         os.close(fd)  # unique name: two builds may fill the cache at once
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
@@ -270,8 +285,7 @@ class Fetcher:
     def _fetch_commit(self, url: str, commit: str) -> Path:
         own = self._store_dir(url)
         if not own.is_dir():
-            own.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{own.name}.", dir=own.parent))
+            tmp = temp_dir_beside(own)
             stores.git("init", "-q", "--bare", str(tmp / "r"))
             try:
                 os.rename(tmp / "r", own)
@@ -309,7 +323,7 @@ class Fetcher:
             raise SourceError(f"{src.label}: the store lacks the contents of {len(absent)} file(s): "
                               f"{', '.join(absent[:3])} (a snapshot that skips large files? "
                               f"BLACKWHEEL_ALLOW_ABSENT=1 builds without them and records them)")
-        with tempfile.TemporaryDirectory(dir=self.tmp_root()) as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("tmp"), dir=self.tmp_root()) as tmp:
             tree = Path(tmp) / "tree"
             stores.checkout(resolve, src.url, src.commit, tree, src.submodule_spec,
                             allow_missing_files=bool(absent))
@@ -443,9 +457,8 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     once whole: a failure (a full disk, a corrupt archive) leaves no half-extracted tree.
     Returns the single top-level folder if there is one (sdists have ``name-version/``), else dest.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     name = archive.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    tmp = temp_dir_beside(dest, ".part")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)                  # the mode a plain mkdir gives, not mkdtemp's 0700

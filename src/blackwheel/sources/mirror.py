@@ -21,7 +21,7 @@ from typing import Callable, Union
 from urllib.parse import urlparse
 
 from ..core.errors import MissingOffline, SourceError, UsageError
-from ..core.fsutil import tree_sha256
+from ..core.fsutil import temp_dir_beside, tree_sha256
 
 Resolver = Callable[[str, str], Union[Path, None]]   # (url, commit) -> a store holding the commit
 
@@ -102,8 +102,7 @@ def seed_mirror(mirror_dir: str | Path, snapshots: dict[str, str | Path]) -> lis
             continue
         if not Path(snap).is_dir():
             raise UsageError(f"snapshot for {url} not found: {snap}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        tmp = temp_dir_beside(dest)
         try:
             git("clone", "--quiet", "--mirror", str(snap), str(tmp / "r"))
             (tmp / "r").rename(dest)

@@ -21,37 +21,17 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..core.errors import Interrupted
+from ..core.procs import Proc, me, running as _running, stat as _stat
 
 OWNER_ENV = "BLACKWHEEL_OWNER"   # "<pid>:<start>" of the blackwheel whose build started the process
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TERM_GRACE_S = 5.0   # ninja forwards SIGTERM to its jobs; nvcc removes its temporary files
 KILL_WAIT_S = 2.0    # SIGKILL is not refused: only a process stuck in the kernel outlives this
 POLL_S = 0.05        # both within the 10 s an interrupt may take
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    session: int
-    start: int   # clock ticks after boot: with the pid, names one process for good
-
-
-def _stat(pid: int | str, proc_dir: Path = Path("/proc")) -> Proc | None:
-    """``/proc/<pid>/stat`` parsed; None when the process is gone or a zombie (it runs nothing)."""
-    try:
-        text = (proc_dir / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces and ")"
-    if fields[0] in ("Z", "X"):
-        return None
-    return Proc(int(pid), int(fields[1]), int(fields[3]), int(fields[19]))
 
 
 def process_table(proc_dir: Path = Path("/proc")) -> list[Proc]:
@@ -80,11 +60,6 @@ def session_tree(leader: int) -> set[int]:
     table = process_table()
     in_session = {p.pid for p in table if p.session == leader}
     return in_session | descendants([leader], table)
-
-
-def _running(pid: int, start: int) -> bool:
-    found = _stat(pid)
-    return found is not None and found.start == start
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -126,8 +101,8 @@ def end_processes(find: Callable[[], Iterable[int]], grace: float = TERM_GRACE_S
 
 def owner_mark() -> str:
     """This process as ``OWNER_ENV`` names it."""
-    me = _stat(os.getpid())
-    return f"{os.getpid()}:{me.start if me else 0}"
+    pid, start = me()
+    return f"{pid}:{start}"
 
 
 def orphans(proc_dir: Path = Path("/proc")) -> set[int]:
