@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -294,15 +295,13 @@ def link_driver_caller(tmp_path: Path, libdir: Path) -> Path:
     src = tmp_path / "caller.c"
     src.write_text("int cuTensorMapEncodeTiled(void *, int);\nint call(void) { return cuTensorMapEncodeTiled(0, 1); }\n")
     out = tmp_path / "caller.so"
-    import subprocess
     subprocess.run(["cc", "-shared", "-fPIC", str(src), f"-L{libdir}", "-Wl,--as-needed", "-lcuda", "-o", str(out)],
                    check=True, capture_output=True)
     return out
 
 
+@needs_cc
 def test_driver_api_names_are_the_linked_names(tmp_path):
-    if shutil.which("cc") is None:
-        pytest.skip("no host C compiler")
     names = toolchain.driver_api_names(slim_toolkit(tmp_path / "cuda"), "cc")
     assert names == ["cuGetProcAddress_v2", "cuInit", "cuTensorMapEncodeTiled"]   # the #define applied
     with pytest.raises(ToolchainError, match=r"cuda.h not found"):
@@ -317,7 +316,6 @@ def test_a_library_linked_with_as_needed_against_the_stub_names_libcuda(tmp_path
     # an empty stub (what this function built before) is dropped by --as-needed: the defect
     empty = tmp_path / "empty"
     empty.mkdir()
-    import subprocess
     subprocess.run(["cc", "-shared", "-x", "c", "/dev/null", "-Wl,-soname,libcuda.so.1", "-o", str(empty / "libcuda.so")],
                    check=True)
     (tmp_path / "old").mkdir()

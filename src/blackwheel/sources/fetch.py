@@ -181,10 +181,8 @@ class Fetcher:
 
     # -- archives
     def tmp_root(self) -> Path:
-        """The cache's scratch folder, swept of what killed fetches left there."""
-        root = self.cache / "tmp"
+        root = self.cache / "tmp"      # swept of what killed fetches left there when the Fetcher starts
         root.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(root)
         return root
 
     def _cached_archive(self, sha: str) -> Path | None:
@@ -206,7 +204,6 @@ class Fetcher:
             raise HashMismatch(f"{src.label}: sha256 {actual} differs from the pin {src.sha256}")
         dest = self.cache / "sources" / "sha256" / actual / filename
         dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(dest.parent)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(filename), suffix=".part", dir=dest.parent)
         os.close(fd)  # unique name: two builds may fill the cache at once
         shutil.copyfile(path, tmp)
