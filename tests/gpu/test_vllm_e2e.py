@@ -21,6 +21,10 @@ Environment:
 - ``BLACKWHEEL_VLLM_E2E_EAGER=1``: ``enforce_eager`` (no torch.compile, no CUDA graphs): quicker to
   start; the default is vLLM's default, compiled with CUDA graphs, as users run it.
 - ``BLACKWHEEL_VLLM_E2E_TIMEOUT=seconds``: the limit for one backend's run (default 600).
+- ``BLACKWHEEL_VLLM_E2E_HEAD_DIM=64|128``: the tiny model's head dim (default 64).
+- ``BLACKWHEEL_TRACE=flashinfer.jit.core:JitSpec.build_and_load``: record every FlashInfer module vLLM
+  asks for into ``vllm-e2e-<BACKEND>.trace.json`` beside the results (the engine then runs in the
+  worker's process, so the wrapper sees its loads): the trace a kernel set for vLLM is made from.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import vllm_tiny_model as tm  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-HEAD_DIM = 64              # in FlashInfer's AOT set (64 and 128 only)
+HEAD_DIM = int(os.environ.get("BLACKWHEEL_VLLM_E2E_HEAD_DIM", "64"))   # in FlashInfer's AOT set (64, 128)
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
               "vocab_size", "dtype")
 MAX_TOKENS = 16
@@ -114,6 +118,9 @@ def run_worker(spec: dict, stem: Path, inproc: bool = False) -> tuple[int | None
     spec_path.write_text(json.dumps(spec))
     out.unlink(missing_ok=True)
     env = dict(os.environ, **WORKER_ENV)
+    if os.environ.get("BLACKWHEEL_TRACE"):     # the trace wrapper must see the engine's module loads
+        inproc = True
+        env["BLACKWHEEL_TRACE_OUT"] = str(stem.with_suffix(".trace.json"))
     if inproc:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     timeout = float(os.environ.get("BLACKWHEEL_VLLM_E2E_TIMEOUT", "600"))

@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -327,14 +328,33 @@ def main(argv: list[str]) -> int:
         print("usage: vllm_tiny_model.py run-vllm SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec, out = json.loads(Path(argv[1]).read_text()), Path(argv[2])
+    trace_out = _start_trace()
     try:
         result = run_vllm(spec)
     except BaseException as exc:
         out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:2000],
                                    "missing_modules": missing_modules(exc)}))
         raise
+    finally:
+        if trace_out:
+            from blackwheel.reports import upstream_trace
+            upstream_trace.write_recorded(trace_out)
     out.write_text(json.dumps(result))
     return 0
+
+
+def _start_trace() -> str | None:
+    """``BLACKWHEEL_TRACE`` (``module:Class.method``) and ``BLACKWHEEL_TRACE_OUT``: record every FlashInfer
+    module vLLM asks for, hits and misses. The engine must run in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a wrapper installed here does not reach a spawned engine."""
+    target, out = os.environ.get("BLACKWHEEL_TRACE"), os.environ.get("BLACKWHEEL_TRACE_OUT")
+    if not (target and out):
+        return None
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise SystemExit("vllm_tiny_model: a trace needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine in process)")
+    from blackwheel.reports import upstream_trace
+    upstream_trace.install(target)
+    return out
 
 
 if __name__ == "__main__":

@@ -81,3 +81,33 @@ def test_worker_files_merge(tmp_path):
          "first_result_s": {"tests/a.py": 1.5}}))
     assert merge(out) == {"modules": {"norm": {"aot": True, "calls": 3}, "rope": {"aot": False, "calls": 1}},
                           "first_result_s": {"tests/a.py": 1.5}}
+
+
+def test_a_program_records_and_writes_without_pytest(tmp_path):
+    _world(tmp_path)
+    out = tmp_path / "program.json"
+    code = ("from blackwheel.reports import upstream_trace as t\n"
+            "t.install('fakejit.core:Spec.build_and_load')\n"
+            "t.install('fakejit.core:Spec.build_and_load')\n"      # twice: still one wrapper
+            "from fakejit.core import Spec\n"
+            "Spec('page', True).build_and_load()\n"
+            "try:\n    Spec('rope', False).build_and_load()\nexcept RuntimeError:\n    pass\n"
+            f"t.write_recorded({str(out)!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert merge(out)["modules"] == {"page": {"aot": True, "calls": 1}, "rope": {"aot": False, "calls": 1}}
+
+
+def test_the_vllm_worker_refuses_a_trace_its_engine_process_would_not_see(tmp_path):
+    """A wrapper installed in the worker does not reach vLLM's spawned engine: tracing needs the engine
+    in process, and the worker says so before it imports vLLM."""
+    worker = SRC.parent / "tests" / "gpu" / "vllm_tiny_model.py"
+    (tmp_path / "spec.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update({TRACE_ENV: "fakejit.core:Spec.build_and_load", TRACE_OUT_ENV: str(tmp_path / "t.json"),
+                "PYTHONPATH": str(SRC)})
+    proc = subprocess.run([sys.executable, str(worker), "run-vllm", str(tmp_path / "spec.json"),
+                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "VLLM_ENABLE_V1_MULTIPROCESSING=0" in proc.stderr
+    assert not (tmp_path / "t.json").exists()

@@ -10,6 +10,7 @@
 #          tools/gpu/vllm-run.sh follow            # follow for up to 9 minutes more
 #          tools/gpu/vllm-run.sh collect           # counts, e2e JSON, logs into $OUT (one .tgz)
 #          tools/gpu/vllm-run.sh files S GLOB...   # then: one lane per test file, all at once, S s each
+#          LANES=0 tools/gpu/vllm-run.sh start; tools/gpu/vllm-run.sh sets   # the kernel-set run instead
 # PRELOAD_LIBCUDA=1: for a vllm wheel built before the libcuda stub exported the driver's symbols
 # (its _C and cumem_allocator lack libcuda.so.1 in NEEDED and do not load otherwise).
 # The run: first tests/gpu/test_vllm_e2e.py alone (FlashInfer and FlashAttention backends), then
@@ -50,6 +51,7 @@ start)
   mkdir -p /tmp/vmirror/pypi $RES && ln -sf $UNP/vllm-*.tar.gz /tmp/vmirror/pypi/
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
   python3 -c "import vllm, flashinfer, torch; print('vllm', vllm.__version__, 'flashinfer', flashinfer.__version__, 'torch', torch.__version__)" || exit 7
+  cp $UNP/fi.bwb /tmp/fi-tests      # the bundle that carries FlashInfer's own tests
   [ "${LANES:-1}" = 0 ] && { echo "installed; LANES=0: no lanes started"; exit 0; }
   cat > /tmp/vllm-lanes.sh <<'SH'
 #!/bin/bash
@@ -87,11 +89,41 @@ wait $a $b $c
 echo "RUN-END after $(( $(date +%s) - start )) s"
 SH
   chmod +x /tmp/vllm-lanes.sh
-  cp $UNP/fi.bwb /tmp/fi-tests      # the bundle that carries FlashInfer's own tests
   setsid nohup /tmp/vllm-lanes.sh > $LOG 2>&1 < /dev/null &
   follow ${FOLLOW_S:-400} ;;
 follow)
   follow ${FOLLOW_S:-540} ;;
+sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the FlashInfer backend, traced
+         # (every FlashInfer module it asks for), head dim 64 compiled as users run it and 128 eager, alone
+         # on the GPU; then FlashInfer's own files that lack complete counts, at once, each to its end.
+  cat > /tmp/sets.sh <<'SH'
+#!/bin/bash
+RES=/tmp/vllm-res; start=$(date +%s)
+say() { echo "LANE $* after $(( $(date +%s) - start )) s"; }
+e2e() {  # HEAD_DIM EAGER
+  say "e2e head_dim $1 starts"
+  BLACKWHEEL_TRACE=flashinfer.jit.core:JitSpec.build_and_load BLACKWHEEL_VLLM_E2E_HEAD_DIM=$1 \
+  BLACKWHEEL_VLLM_E2E_EAGER=$2 BLACKWHEEL_GPU_RESULTS=$RES/e2e-hd$1 timeout 600 python3 -m pytest \
+      tests/gpu/test_vllm_e2e.py -k FLASHINFER -q -p no:cacheprovider --junitxml=$RES/e2e-hd$1.xml > $RES/e2e-hd$1.log 2>&1
+  say "e2e head_dim $1 exit $?"; tail -2 $RES/e2e-hd$1.log
+}
+fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within the set's declared coverage
+  say "flashinfer $1 starts"
+  BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-$1 FLASHINFER_DISABLE_JIT=1 timeout $(( $4 + 120 )) python3 -m blackwheel.cli \
+      test-upstream flashinfer --kernels default --mirror /tmp/fi-tests --only "$2" --pytest-args "$3" \
+      --deadline-s $4 --out $RES/fi-$1 > $RES/fi-$1.log 2>&1
+  say "flashinfer $1 exit $?"; grep -E "^\| total|PARTIAL" $RES/fi-$1.log
+}
+e2e 64 0; e2e 128 1
+fitest rope tests/attention/test_rope.py "-n 8" ${CAP:-540} & a=$!
+fitest sampling tests/utils/test_sampling.py "-n 4" ${CAP:-540} & b=$!
+fitest batch_prefill tests/attention/test_batch_prefill_kernels.py "" ${CAP:-540} & c=$!
+wait $a $b $c
+echo "RUN-END after $(( $(date +%s) - start )) s"
+SH
+  chmod +x /tmp/sets.sh; mkdir -p $RES
+  setsid nohup /tmp/sets.sh > $LOG 2>&1 < /dev/null &
+  follow ${FOLLOW_S:-500} ;;
 files)   # after start: each file in a lane of its own, all at once, S seconds each
   cap=${2:?seconds per file}; shift 2; start=$SECONDS
   for f in "$@"; do
@@ -106,5 +138,5 @@ collect)
   mkdir -p "$OUT"; cp $LOG $RES/ 2>/dev/null
   tar czf "$OUT/vllm-res.tgz" -C /tmp vllm-res && ls -la "$OUT" ;;
 *)
-  echo "usage: $0 pack | start | follow | collect | files S GLOB..." >&2; exit 2 ;;
+  echo "usage: $0 pack | start | sets | follow | collect | files S GLOB..." >&2; exit 2 ;;
 esac

@@ -8,7 +8,8 @@ the trace of what the pinned version's dispatcher selects on this GPU, hits and 
 ends its test, so the skip reasons alone name only the first module a test lacked).
 ``BLACKWHEEL_TRACE_OUT`` gets ``{"modules": {name: {"aot": bool, "calls": n}}, "first_result_s":
 {file: seconds}}``: per test file, from the start of its first test to its first passing one (module
-loading included). Imports nothing heavy; patches nothing when the variable is unset.
+loading included). Imports nothing heavy; patches nothing when the variable is unset. A program, not a test run, calls
+``install`` and ``write_recorded`` itself (the vLLM end-to-end worker does).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def install(target: str) -> None:
 
     traced._blackwheel_traced = True
     setattr(cls, method, traced)
+
+
+def write_recorded(path: str | Path) -> None:
+    """Outside pytest (a program that called ``install``, e.g. vLLM's engine in one process): the
+    modules recorded so far, in the same form a test run writes."""
+    Path(path).write_text(json.dumps({"modules": _modules, "first_result_s": {}}, indent=1, sort_keys=True))
 
 
 def _file_of(nodeid: str) -> str:
