@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from blackwheel.builders import flashinfer_aot as fa
-from blackwheel.reports.upstream_tests import trace_gaps
+from blackwheel.reports.traces import add_runs, derive_for_target, trace_gaps, write_trace
 from blackwheel.core.recipe import recipes_dir
 
 RECIPE = tomllib.loads((recipes_dir() / "flashinfer.toml").read_text())
@@ -66,3 +66,54 @@ def test_plan_prints_what_the_set_holds_and_its_coverage(capsys):
     assert "batch_prefill_sm90" in hopper and "exclude-tests=['*_nvfp4']" in hopper
     gb10 = fa.kernel_set_table(RECIPE, "default", "gb10")
     assert "42 modules" in gb10 and "_sm90" not in gb10
+
+
+DERIVED = [p for p in TRACES if json.loads(p.read_text())["how"].startswith("derived")]
+
+
+def test_there_is_a_vllm_trace_for_each_target():
+    vllm = {json.loads(p.read_text())["target"] for p in TRACES if p.stem.endswith("-vllm")}
+    assert vllm >= {"hopper", "gb10"}
+
+
+@pytest.mark.parametrize("path", DERIVED, ids=lambda p: p.name)
+def test_a_derived_trace_is_what_the_rule_gives_from_its_measured_one(path: Path):
+    """A derived trace is not edited by hand: it equals derive_for_target of the hopper trace it names."""
+    derived = json.loads(path.read_text())
+    measured = json.loads(path.with_name(path.name.replace(f"-{derived['target']}", "-hopper")).read_text())
+    again = derive_for_target(measured, RECIPE, derived["target"], derived["how"])
+    assert again == derived
+
+
+def test_derive_carries_fa3_to_fa2_only_where_the_target_has_no_9_0a():
+    fa2 = "batch_prefill_with_kv_cache_dtype_q_bf16_x"
+    trace = {"package": "flashinfer", "version": "0.6.13", "target": "hopper", "files": ["t.py"],
+             "modules": {fa2 + "_sm90": {"prebuilt": True, "files": ["t.py"]},
+                         "fp4_quantization_90": {"prebuilt": False, "files": ["t.py"], "asked_by": ["test_nvfp4"]},
+                         "quantization": {"prebuilt": False, "files": ["t.py"], "asked_by": ["test_mask"]}}}
+    gb10 = derive_for_target(trace, RECIPE, "gb10", "derived")
+    assert gb10["modules"] == {fa2: {"files": ["t.py"]},
+                               "quantization": {"files": ["t.py"], "asked_by": ["test_mask"]}}
+    assert gb10["archs"] == ["12.1a"] and gb10["target"] == "gb10"
+    assert set(derive_for_target(trace, RECIPE, "hopper", "same")["modules"]) == {fa2 + "_sm90", "quantization"}
+
+
+def test_a_later_run_grows_the_trace_and_a_module_now_prebuilt_drops_its_askers():
+    trace = {"files": ["a.py"], "not_traced": ["b.py (no time)"],
+             "modules": {"quantization": {"prebuilt": False, "files": ["a.py"], "asked_by": ["test_mask"]}}}
+    run = {"files": {"b.py": {"passed": 3}},
+           "trace": {"modules": {"quantization": {"aot": True, "calls": 2}, "rope": {"aot": True, "calls": 1}}}}
+    grown = add_runs(trace, [run])
+    assert grown["modules"] == {"quantization": {"prebuilt": True, "files": ["a.py", "b.py"]},
+                                "rope": {"prebuilt": True, "files": ["b.py"]}}
+    assert grown["files"] == ["a.py", "b.py"] and grown["not_traced"] == []
+    assert trace["modules"]["quantization"]["asked_by"] == ["test_mask"]     # the input is left alone
+    with pytest.raises(Exception, match="without a trace"):
+        add_runs(trace, [{"files": {"b.py": {}}}])
+
+
+def test_write_trace_is_whole_and_sorted(tmp_path):
+    path = tmp_path / "t.json"
+    write_trace(path, {"modules": {"b": {}, "a": {}}, "target": "gb10"})
+    assert path.read_text().index('"a"') < path.read_text().index('"b"') and path.read_text().endswith("\n")
+    assert not [p for p in tmp_path.iterdir() if p.name != "t.json"]

@@ -9,7 +9,7 @@ from ..check.inspect import inspect_path
 from ..check.verify import compat_path, verify_paths, with_findings
 from ..core.errors import UsageError
 from ..core.targets import TARGET_NAMES, ComputeCapability, CudaArch, parse_arch_list
-from ..reports.upstream_tests import read_trace, trace_verdict
+from ..reports.traces import read_trace, trace_verdict
 from .common import target_of
 
 

@@ -51,6 +51,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_GPU_RESULTS", "unset", "tests/gpu: where the vLLM end-to-end JSON and logs go"),
     EnvVar("BLACKWHEEL_VLLM_E2E_EAGER", "0", "tests/gpu: 1 runs vLLM end-to-end with enforce_eager"),
     EnvVar("BLACKWHEEL_VLLM_E2E_TIMEOUT", "600", "tests/gpu: seconds for one vLLM end-to-end backend run"),
+    EnvVar("BLACKWHEEL_VLLM_E2E_HEAD_DIM", "64", "tests/gpu: the tiny model's head dim (64 or 128)"),
     EnvVar("BLACKWHEEL_OWNER", "", "marks a build's processes so the next build ends what a killed one left", True),
     EnvVar("BLACKWHEEL_JOBSERVER", "", "the shared jobserver every ninja of a build-all joins", True),
     EnvVar("BLACKWHEEL_MEMGATE_MIN_BYTES", "", "memory gate: free memory a compile waits for", True),
@@ -62,7 +63,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_PLAN_OUT", "", "plan: where the generated build file is kept", True),
     EnvVar("BLACKWHEEL_COVERAGE", "", "test-upstream plugin: the kernel set's declared coverage", True),
     EnvVar("BLACKWHEEL_COVERAGE_REPORT", "", "test-upstream plugin: where deselection counts go", True),
-    EnvVar("BLACKWHEEL_TRACE", "", "test-upstream plugin: the method every module load goes through", True),
+    EnvVar("BLACKWHEEL_TRACE", "", "test-upstream plugin and the vLLM end-to-end worker: the method every module load goes through", True),
     EnvVar("BLACKWHEEL_TRACE_OUT", "", "test-upstream plugin: where the trace goes", True),
     EnvVar("BLACKWHEEL_TEST_DEADLINE", "", "test-upstream plugin: when tests stop starting (--deadline-s)", True),
 )

@@ -24,11 +24,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..core.errors import RecipeError, UsageError
-from ..core.recipe import Recipe, load_recipe
+from ..core.errors import UsageError
+from ..core.recipe import Recipe
 from ..sources.fetch import safe_extract
-from ..builders.flashinfer_aot import module_names, target_archs, wheel_module_names
-from .upstream_coverage import COVERAGE_ENV, REPORT_ENV, excluded
+from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
 from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
@@ -191,57 +190,3 @@ def report_text(result: dict) -> str:
         top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"skipped in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
     return "\n".join(lines)
-
-
-def trace_gaps(recipe: Mapping, trace: Mapping, set_name: str = "default",
-               held: Iterable[str] | None = None) -> list[str]:
-    """What a recorded trace (``recipes/traces/*.json``) asked for that the set lacks for the trace's
-    target, one line each. A module outside the set is fine only when every test that asked for it
-    is excluded by the set's declared coverage (``exclude-tests``). ``held``: the modules a built
-    wheel holds (``wheel_module_names``), instead of those the set's recipe predicts."""
-    where = f"set {set_name!r}" if held is None else "the wheel"
-    held = set(module_names(recipe, set_name, target_archs(recipe, trace["target"])) if held is None else held)
-    sets = recipe.get("kernel-sets", {})
-    tables = [t for n in [*sets[set_name].get("include", []), set_name]
-              for t in sets[n].get("coverage", {}).items()]
-    gaps = []
-    for name, entry in trace.get("modules", {}).items():
-        if name in held:
-            continue
-        askers = entry.get("asked_by", [])
-        covered = [f"{f}::{t}" for f in entry.get("files", []) for t in askers
-                   if not any(fnmatch.fnmatch(f, g) and excluded(t, rules) for g, rules in tables)]
-        if not askers or covered:
-            gaps.append(f"{name} (asked by {', '.join(covered) or ', '.join(entry.get('files', []))}) "
-                        f"is not in {where} for {trace['target']}")
-    return gaps
-
-
-def read_trace(path: Path, target_name: str) -> dict:
-    """A recorded trace for ``target_name``, with the recipe data it is checked against under
-    ``"_recipe"``; every defect of the file is a one-line error, before any wheel is read."""
-    try:
-        trace = json.loads(Path(path).read_text())
-        package, version, traced_for = trace["package"], trace["version"], trace["target"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--trace {path}: not a readable trace ({exc})") from None
-    if traced_for != target_name:
-        raise UsageError(f"--trace {path}: recorded for target {traced_for!r}, not {target_name!r}")
-    try:
-        recipe = load_recipe(package)
-    except RecipeError as exc:
-        raise UsageError(f"--trace {path}: {exc}") from None
-    if version not in [v.version for v in recipe.versions]:
-        raise UsageError(f"--trace {path}: {package} {version} is not a version of its recipe")
-    return {**trace, "_recipe": recipe.data}
-
-
-def trace_verdict(trace: Mapping, object_paths: Iterable[str]) -> tuple[list[str], str]:
-    """For a built wheel's object paths: a failure line for each traced module the wheel lacks (outside
-    the set's declared coverage excepted), and a note on the modules it holds beyond the trace."""
-    held = wheel_module_names(object_paths)
-    gaps = trace_gaps(trace["_recipe"], trace, held=held)
-    extra = sorted(held - set(trace.get("modules", {})))
-    note = (f"trace {trace['package']} {trace['version']} {trace['target']}: {len(trace.get('modules', {}))} "
-            f"module(s) asked for, {len(gaps)} missing; the wheel holds {len(extra)} more")
-    return gaps, note
