@@ -11,7 +11,8 @@ import pytest
 from blackwheel.core.errors import BuildFailed, MissingOffline
 from blackwheel.core.recipe import load_recipe, load_stack
 from blackwheel.sources.fetch import Fetcher
-from blackwheel.pipeline.stack_build import build_stack, closing_table, estimate_request, fetch_everything_first
+from blackwheel.pipeline.stack_build import (build_stack, closing_table, estimate_request, estimate_text,
+                                             fetch_everything_first, stack_plan, together_seconds)
 from blackwheel.core.targets import TARGETS
 
 STACK = load_stack("cu130-torch2.11")
@@ -87,3 +88,42 @@ def test_closing_table_lines_up_and_shows_missing_values_as_dashes():
     lines = closing_table(rows).splitlines()
     assert lines[0].startswith("package") and "reused" in lines[2] and " - " in lines[2]
     assert len({len(line.rstrip()) <= len(lines[1]) for line in lines}) == 1
+
+
+def test_the_stack_estimate_is_the_budget_kept_full_not_the_sum_of_the_packages():
+    """Built together, the whole is the compile work over one budget, or the longest unit; the head line
+    says both that and the one-after-another sum, then each package alone."""
+    reqs = [request(n) for n in ("flash-attn", "flashinfer", "vllm")]
+    resources = (16, 120 * 2**30)
+    rows = [estimate_request(r, *resources) for r in reqs]
+    jobs = stack_plan(reqs, resources).jobs
+    whole = together_seconds(rows, jobs)
+    assert max(e.longest_s for e in rows) <= whole < sum(e.seconds for e in rows)
+    assert whole == pytest.approx(max(sum(e.cpu_s for e in rows) / jobs + max(e.tail_s for e in rows),
+                                      max(e.longest_s for e in rows)))
+    assert [e.tail_s > 0 for e in rows] == [True, False, True]      # FlashInfer's profile is a total only
+    text = estimate_text(reqs, resources, together_jobs=jobs)
+    head = text.splitlines()[0]
+    assert f"about {whole / 60:.0f} min on this machine (16 cores, 120 GiB free), the packages at once" in head
+    assert f"one after another: about {sum(e.seconds for e in rows) / 60:.0f} min" in head
+    assert [ln.split()[0] for ln in text.splitlines()[1:]] == ["flash-attn", "flashinfer", "vllm"]
+    assert "packages one after another" in estimate_text(reqs, resources).splitlines()[0]
+    # on many cores the longest unit of any package bounds the whole
+    big = [estimate_request(r, 512, 2000 * 2**30) for r in reqs]
+    assert together_seconds(big, 512) == max(e.longest_s for e in big)
+
+
+def test_the_closing_table_ends_with_the_stack_against_its_estimate(capsys):
+    reqs = [request("flash-attn", fetcher=_Everything()), request("vllm", fetcher=_Everything())]
+
+    def build(req):
+        m = {"build": {"wall_s": 5.0, "peak_mem_gib": 2.0, "profile": {"unit_seconds_sum": 9.0}}, "verify": {"ok": True}}
+        return SimpleNamespace(wheel=Path(f"/w/{req.recipe.name}.whl"), manifest=m, reused=False)
+
+    rows, rc = build_stack(reqs, build=build, together=False, resources=(16, 120 * 2**30))
+    assert rc == 0 and [r["package"] for r in rows] == ["flash-attn", "vllm"]     # the stack line is printed only
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert last[0] == "(stack)" and last[1] == "built" and last[2:4] == ["2", "packages"]
+    assert int(last[5]) == round(sum(r["estimate_s"] for r in rows), -0) or abs(int(last[5]) - sum(
+        r["estimate_s"] for r in rows)) <= 1                                     # one after another: the sum
+    assert last[6] == "18.0" and last[7] == "2.0" and last[-1] == "ok"           # CPU summed, peak the largest

@@ -12,7 +12,7 @@ import pytest
 from blackwheel.core.fsutil import sha256_file
 from blackwheel.core.recipe import load_recipe
 from blackwheel.sources.fetch import Fetcher
-from blackwheel.reports.upstream_tests import coverage_of, report_text, run_upstream_tests
+from blackwheel.reports.upstream_tests import coverage_of, parse_junit, report_text, run_upstream_tests
 
 UPSTREAM_TEST = '''
 import importlib.util
@@ -229,3 +229,30 @@ def test_a_deadline_of_zero_is_refused_in_one_line(capsys):
     from blackwheel import cli
     assert cli.main(["test-upstream", "pkg", "--deadline-s", "0"]) == 2
     assert capsys.readouterr().err == "blackwheel: --deadline-s 0: give a number of seconds above 0\n"
+
+
+JUNIT_OOM = """<testsuites><testsuite>
+<testcase classname="tests.attention.test_rope" name="test_a" file="tests/attention/test_rope.py"/>
+<testcase classname="tests.attention.test_rope" name="test_b" file="tests/attention/test_rope.py">
+ <failure message="torch.OutOfMemoryError: CUDA out of memory.">E   torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.54 GiB</failure></testcase>
+<testcase classname="tests.attention.test_rope" name="test_c" file="tests/attention/test_rope.py">
+ <skipped message="conftest.py:9: Skipping due to OOM"/></testcase>
+<testcase classname="tests.attention.test_rope" name="test_d" file="tests/attention/test_rope.py">
+ <failure message="AssertionError">E   AssertionError: wrong rotation</failure></testcase>
+<testcase classname="tests.attention.test_rope" name="test_e" file="tests/attention/test_rope.py">
+ <skipped message="conftest.py:3: needs sm_100+"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_results_that_ran_out_of_gpu_memory_are_counted_apart_and_said(tmp_path):
+    """They stay in failed and skipped (a run with them is not clean), and the report says what they judge."""
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT_OOM)
+    result = parse_junit(junit)
+    assert result["files"]["tests/attention/test_rope.py"] == {
+        "passed": 1, "failed": 2, "skipped": 2, "skipped_missing_module": 0, "out_of_memory": 2}
+    text = report_text(result)
+    assert "OUT OF MEMORY: 2 of the failed and skipped ran out of GPU memory" in text
+    junit.write_text(JUNIT_OOM.replace("out of memory", "fault").replace("OutOfMemoryError", "Err")
+                     .replace("Skipping due to OOM", "skip"))
+    assert "OUT OF MEMORY" not in report_text(parse_junit(junit))

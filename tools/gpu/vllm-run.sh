@@ -94,8 +94,11 @@ SH
 follow)
   follow ${FOLLOW_S:-540} ;;
 sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the FlashInfer backend, traced
-         # (every FlashInfer module it asks for), head dim 64 compiled as users run it and 128 eager, alone
-         # on the GPU; then FlashInfer's own files that lack complete counts, at once, each to its end.
+         # (every FlashInfer module it asks for), head dim 64 compiled as users run it and 128 eager
+         # (E2E=0 leaves it out); then FlashInfer's own files, ONE AT A TIME: side by side, the files'
+         # pytest workers filled the GPU's 139 GiB, and what ran out of memory (or stalled: batch prefill
+         # beside other lanes gave no result three times) judged the load, not the kernels
+         # (docs/reports/flashinfer-kernel-sets-h200.md, fourth run). FILES='NAME:PATH:XDIST:DEADLINE_S;...'
   cat > /tmp/sets.sh <<'SH'
 #!/bin/bash
 RES=/tmp/vllm-res; start=$(date +%s)
@@ -112,13 +115,13 @@ fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within
   BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-$1 FLASHINFER_DISABLE_JIT=1 timeout $(( $4 + 120 )) python3 -m blackwheel.cli \
       test-upstream flashinfer --kernels default --mirror /tmp/fi-tests --only "$2" --pytest-args "$3" \
       --deadline-s $4 --out $RES/fi-$1 > $RES/fi-$1.log 2>&1
-  say "flashinfer $1 exit $?"; grep -E "^\| total|PARTIAL" $RES/fi-$1.log
+  say "flashinfer $1 exit $?"; grep -E "^\| total|PARTIAL|OUT OF MEMORY" $RES/fi-$1.log
 }
-e2e 64 0; e2e 128 1
-fitest rope tests/attention/test_rope.py "-n 8" ${CAP:-540} & a=$!
-fitest sampling tests/utils/test_sampling.py "-n 4" ${CAP:-540} & b=$!
-fitest batch_prefill tests/attention/test_batch_prefill_kernels.py "" ${CAP:-540} & c=$!
-wait $a $b $c
+[ "${E2E:-1}" = 1 ] && { e2e 64 0; e2e 128 1; }
+IFS=';' read -ra items <<< "${FILES:-rope:tests/attention/test_rope.py:-n 6:600;sampling:tests/utils/test_sampling.py:-n 8:420}"
+for f in "${items[@]}"; do
+  IFS=: read -r name path xdist cap <<< "$f"; fitest "$name" "$path" "$xdist" "$cap"
+done
 echo "RUN-END after $(( $(date +%s) - start )) s"
 SH
   chmod +x /tmp/sets.sh; mkdir -p $RES

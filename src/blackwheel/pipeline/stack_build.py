@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,11 @@ def fetch_everything_first(requests) -> list[str]:
 @dataclass(frozen=True)
 class Estimate:
     package: str
-    seconds: float | None
-    basis: str            # what the number rests on, or why there is none
+    seconds: float | None     # wall, the package alone on this machine
+    basis: str                # what the number rests on, or why there is none
+    cpu_s: float = 0.0        # its compile work: the sum of its units' seconds
+    longest_s: float = 0.0    # its longest unit: no budget ends it sooner
+    tail_s: float = 0.0       # alone, the part of its wall its jobs stood idle (1 - efficiency)
 
 
 def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
@@ -83,34 +87,66 @@ def estimate_request(req, cores: int, available_bytes: int) -> Estimate:
         times = list(prof["units"].values())
         per_arch = 1 if plan.nvcc_threads > 1 else archs
         efficiency = float(prof.get("efficiency", 1.0))   # how full the recorded build kept its cores
-        seconds = max(sum(times) * archs / plan.jobs / efficiency, max(times) * per_arch)
-        return Estimate(name, seconds, f"{len(times)} recorded units x {archs} arch(s) on "
-                                       f"{plan.jobs} jobs, at the recorded efficiency {efficiency}")
+        cpu = sum(times) * archs
+        longest = max(times) * per_arch
+        seconds = max(cpu / plan.jobs / efficiency, longest)
+        tail = cpu / plan.jobs * (1 / efficiency - 1)    # the part of its wall its jobs stood idle
+        return Estimate(name, seconds, f"{len(times)} recorded units x {archs} arch(s) on {plan.jobs} jobs, "
+                        f"at the recorded efficiency {efficiency}{_recorded_for(prof, req.target)}",
+                        cpu, longest, tail)
     total = prof.get("total")
-    if total:
-        seconds = total["wall_s"] * total["cores"] / cores * archs / total.get("archs", 1)
-        return Estimate(name, seconds, f"one recorded build ({total['wall_s']} s on {total['cores']} cores), "
-                                       f"scaled by cores")
+    if total:       # a total only: as if its cores were kept full (no tail known)
+        cpu = total["wall_s"] * total["cores"] * archs / total.get("archs", 1)
+        return Estimate(name, cpu / cores, f"one recorded build ({total['wall_s']} s on {total['cores']} cores), "
+                                           f"scaled by cores{_recorded_for(prof, req.target)}", cpu)
     return Estimate(name, None, "profile holds no times")
 
 
-def estimate_text(requests, resources=None) -> str:
+def _recorded_for(profile: dict, target) -> str:
+    """A profile measured for another target may time other units (vLLM's hopper build has FA3's)."""
+    measured = profile.get("target")
+    return f"; recorded for {measured}" if measured and measured != target.name else ""
+
+
+def together_seconds(rows: list[Estimate], jobs: int) -> float:
+    """The stack's wall when every package shares one budget of ``jobs``: all their work over the budget,
+    plus one tail (alone, each package leaves jobs idle, mostly at its end; together the others' work
+    fills all but one, taken here as the largest), or the longest unit of any package if that ends later."""
+    work = sum(e.cpu_s for e in rows) / jobs + max((e.tail_s for e in rows), default=0.0)
+    return max(work, max((e.longest_s for e in rows), default=0.0))
+
+
+def estimate_text(requests, resources=None, together_jobs: int | None = None) -> str:
     """``about N min on this machine (C cores, M GiB)``, then one line per package."""
     resources = resources or machine_resources()
-    return _estimate_lines([estimate_request(r, *resources) for r in requests], resources)
+    return _estimate_lines([estimate_request(r, *resources) for r in requests], resources, together_jobs)
 
 
-def _estimate_lines(rows: list[Estimate], resources) -> str:
+def stack_plan(requests, resources):
+    """The one budget a build of these packages together gets (the heaviest unit of any sizes it)."""
     cores, avail = resources
-    known = [e.seconds for e in rows if e.seconds is not None]
-    head = (f"estimate: about {sum(known) / 60:.0f} min on this machine ({cores} cores, "
-            f"{avail / 2**30:.0f} GiB free), packages one after another")
+    unit_gib = max(float(r.recipe.expect.get("unit-memory-gib", 2.0)) for r in requests)
+    return plan_jobs(cores, avail, int(unit_gib * 2**30))
+
+
+def _estimate_lines(rows: list[Estimate], resources, together_jobs: int | None = None) -> str:
+    """The whole first, then each package as if alone. ``together_jobs``: the packages share one budget
+    of that many jobs (the default build), else they build one after another."""
+    cores, avail = resources
+    known = [e for e in rows if e.seconds is not None]
+    after = sum(e.seconds for e in known)
+    where = f"on this machine ({cores} cores, {avail / 2**30:.0f} GiB free)"
+    if together_jobs and len(rows) > 1:
+        head = (f"estimate: about {together_seconds(known, together_jobs) / 60:.0f} min {where}, the packages "
+                f"at once on one budget of {together_jobs} jobs (one after another: about {after / 60:.0f} min)")
+    else:
+        head = f"estimate: about {after / 60:.0f} min {where}" + (", packages one after another" if len(rows) > 1 else "")
     if len(known) < len(rows):
         head += f"; {len(rows) - len(known)} package(s) without a recorded profile not counted"
     lines = [head]
     for e in rows:
         when = f"~{e.seconds / 60:.0f} min" if e.seconds is not None else "unknown"
-        lines.append(f"  {e.package:<12} {when:>9}  ({e.basis})")
+        lines.append(f"  {e.package:<12} {when:>9} alone  ({e.basis})")
     return "\n".join(lines)
 
 
@@ -153,6 +189,24 @@ def closing_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STACK_ROW = "(stack)"
+
+
+def stack_row(rows: list[dict], estimates: list[Estimate], wall_s: float, jobs: int | None) -> dict:
+    """The closing table's last line: the stack's own wall, and the estimate of what was built."""
+    built = [e for r, e in zip(rows, estimates) if r["result"] == "built" and e.seconds is not None]
+    est = (together_seconds(built, jobs) if jobs else sum(e.seconds for e in built)) if built else None
+    cpu = [r["cpu_s"] for r in rows if r.get("cpu_s") is not None]
+    peaks = [r["peak_gib"] for r in rows if r.get("peak_gib") is not None]
+    results = sorted({r["result"] for r in rows})
+    return {"package": STACK_ROW, "version": "", "result": "/".join(results), "wheel": f"{len(rows)} packages",
+            "wall_s": round(wall_s, 1), "estimate_s": round(est) if est is not None else None,
+            "cpu_s": round(sum(cpu), 1) if cpu else None,
+            # each package's own peak; built together their sum bounds the machine's, apart their largest
+            "peak_gib": round(sum(peaks) if jobs else max(peaks), 1) if peaks else None,
+            "cache_hits": None, "verify": "ok" if all(r.get("verify") == "ok" for r in rows) else "FAILED"}
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 def build_stack(requests, keep_going: bool = False, build=None, together: bool = True,
                 resources=None) -> tuple[list[dict], int]:
@@ -162,15 +216,21 @@ def build_stack(requests, keep_going: bool = False, build=None, together: bool =
         print(f"note: {note}", file=sys.stderr)
     resources = resources or machine_resources()
     estimates = [estimate_request(r, *resources) for r in requests]
-    print(_estimate_lines(estimates, resources), file=sys.stderr)
-    if together and len(requests) > 1:
+    together = together and len(requests) > 1
+    jobs = stack_plan(requests, resources).jobs if together else None
+    print(_estimate_lines(estimates, resources, jobs), file=sys.stderr)
+    started = time.monotonic()
+    if together:
         rows = _build_together(requests, build, resources)
     else:
         rows = _build_one_after_another(requests, build, keep_going)
     for row, est in zip(rows, estimates):      # the estimate beside the actual, for what was built
         if row["result"] == "built" and est.seconds is not None:
             row["estimate_s"] = round(est.seconds)
+    if len(rows) > 1:                           # the whole stack: its wall against the whole's estimate
+        rows.append(stack_row(rows, estimates, time.monotonic() - started, jobs))
     print(closing_table(rows))
+    rows = [r for r in rows if r["package"] != STACK_ROW]
     failed = [r for r in rows if r["result"] == "FAILED"]
     if failed and not keep_going:
         raise failed[0]["exception"]
@@ -194,9 +254,7 @@ def _build_together(requests, build, resources) -> list[dict]:
 
     The budget is planned for the whole machine with the heaviest unit of any package. A signal
     ends every build's processes (each build's own cleanup stops its compiler cache)."""
-    cores, avail = resources
-    unit_gib = max(float(r.recipe.expect.get("unit-memory-gib", 2.0)) for r in requests)
-    plan = plan_jobs(cores, avail, int(unit_gib * 2**30))
+    plan = stack_plan(requests, resources)
     names = ", ".join(r.recipe.name for r in requests)
     print(f"building {names} at once on one budget of {plan.jobs} jobs ({plan.reason})", file=sys.stderr)
     with jobserver(plan.jobs, len(requests)) as shared:

@@ -32,6 +32,9 @@ from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
+# a result that ran out of GPU memory judges the machine's load, not the kernel: counted apart too
+# (torch's OutOfMemoryError, a CUDA "out of memory" status, FlashInfer's conftest "Skipping due to OOM")
+OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|out of memory|Skipping due to OOM", re.IGNORECASE)
 SRC_ROOT = Path(__file__).resolve().parents[2]     # so the test Python finds the coverage plugin
 
 
@@ -75,6 +78,8 @@ def parse_junit(path: Path) -> dict:
         if bad is not None:
             counts["failed"] += 1
             reason = _failure_reason(bad.get("message", ""), bad.text or "")
+            if OUT_OF_MEMORY.search(reason):
+                counts["out_of_memory"] = counts.get("out_of_memory", 0) + 1
             per_file = failures.setdefault(name, {})
             per_file[reason] = per_file.get(reason, 0) + 1
         elif skipped is not None:
@@ -88,6 +93,8 @@ def parse_junit(path: Path) -> dict:
             else:
                 counts["skipped"] += 1
                 reason = _skip_reason(message)
+                if OUT_OF_MEMORY.search(reason):
+                    counts["out_of_memory"] = counts.get("out_of_memory", 0) + 1
                 per_file = reasons.setdefault(name, {})
                 per_file[reason] = per_file.get(reason, 0) + 1
         else:
@@ -183,6 +190,10 @@ def report_text(result: dict) -> str:
         lines.append("missing modules: " + ", ".join(result["missing_modules"]))
     if result.get("partial"):
         lines.append("PARTIAL: " + result["partial"])
+    oom = sum(c.get("out_of_memory", 0) for c in result["files"].values())
+    if oom:
+        lines.append(f"OUT OF MEMORY: {oom} of the failed and skipped ran out of GPU memory; they judge the "
+                     f"GPU's load (other processes, too many pytest workers), not the kernels: rerun alone")
     for name, reasons in sorted(result.get("failure_reasons", {}).items()):
         top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"failed in {name}: " + "; ".join(f"{n} x {why}" for why, n in top))
