@@ -277,6 +277,7 @@ def run_vllm(spec: dict) -> dict:
     llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="bfloat16", seed=0,
               max_model_len=spec["max_model_len"], max_num_seqs=spec["bench_prompts"],
               gpu_memory_utilization=spec["gpu_memory_utilization"], enforce_eager=spec["enforce_eager"],
+              kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
               attention_config=spec["attention_config"])
     startup_s = time.perf_counter() - t0
     try:

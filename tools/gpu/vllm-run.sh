@@ -95,7 +95,8 @@ follow)
   follow ${FOLLOW_S:-540} ;;
 sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the FlashInfer backend, traced
          # (every FlashInfer module it asks for), head dim 64 compiled as users run it and 128 eager
-         # (E2E=0 leaves it out); then FlashInfer's own files, ONE AT A TIME: side by side, the files'
+         # (E2E=0 leaves them out), and 128 eager with an FP8 KV cache (E2E_FP8=0 leaves it out);
+         # then FlashInfer's own files, ONE AT A TIME: side by side, the files'
          # pytest workers filled the GPU's 139 GiB, and what ran out of memory (or stalled: batch prefill
          # beside other lanes gave no result three times) judged the load, not the kernels
          # (docs/reports/flashinfer-kernel-sets-h200.md, fourth run). FILES='NAME:PATH:XDIST:DEADLINE_S;...'
@@ -103,12 +104,14 @@ sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the F
 #!/bin/bash
 RES=/tmp/vllm-res; start=$(date +%s)
 say() { echo "LANE $* after $(( $(date +%s) - start )) s"; }
-e2e() {  # HEAD_DIM EAGER
-  say "e2e head_dim $1 starts"
+e2e() {  # HEAD_DIM EAGER [KV_CACHE_DTYPE]
+  local n=hd$1-${3:-auto}
+  say "e2e $n starts"
   BLACKWHEEL_TRACE=flashinfer.jit.core:JitSpec.build_and_load BLACKWHEEL_VLLM_E2E_HEAD_DIM=$1 \
-  BLACKWHEEL_VLLM_E2E_EAGER=$2 BLACKWHEEL_GPU_RESULTS=$RES/e2e-hd$1 timeout 600 python3 -m pytest \
-      tests/gpu/test_vllm_e2e.py -k FLASHINFER -q -p no:cacheprovider --junitxml=$RES/e2e-hd$1.xml > $RES/e2e-hd$1.log 2>&1
-  say "e2e head_dim $1 exit $?"; tail -2 $RES/e2e-hd$1.log
+  BLACKWHEEL_VLLM_E2E_EAGER=$2 BLACKWHEEL_VLLM_E2E_KV_CACHE_DTYPE=${3:-auto} BLACKWHEEL_GPU_RESULTS=$RES/e2e-$n \
+  timeout 600 python3 -m pytest tests/gpu/test_vllm_e2e.py -k FLASHINFER -q -p no:cacheprovider \
+      --junitxml=$RES/e2e-$n.xml > $RES/e2e-$n.log 2>&1
+  say "e2e $n exit $?"; tail -2 $RES/e2e-$n.log
 }
 fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within the set's declared coverage
   say "flashinfer $1 starts"
@@ -118,6 +121,7 @@ fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within
   say "flashinfer $1 exit $?"; grep -E "^\| total|PARTIAL|OUT OF MEMORY" $RES/fi-$1.log
 }
 [ "${E2E:-1}" = 1 ] && { e2e 64 0; e2e 128 1; }
+[ "${E2E_FP8:-1}" = 1 ] && e2e 128 1 fp8     # FP8 KV cache: on 9.0 vLLM also quantizes the prefill query
 IFS=';' read -ra items <<< "${FILES:-rope:tests/attention/test_rope.py:-n 6:600;sampling:tests/utils/test_sampling.py:-n 8:420}"
 for f in "${items[@]}"; do
   IFS=: read -r name path xdist cap <<< "$f"; fitest "$name" "$path" "$xdist" "$cap"

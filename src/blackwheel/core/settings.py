@@ -52,6 +52,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_VLLM_E2E_EAGER", "0", "tests/gpu: 1 runs vLLM end-to-end with enforce_eager"),
     EnvVar("BLACKWHEEL_VLLM_E2E_TIMEOUT", "600", "tests/gpu: seconds for one vLLM end-to-end backend run"),
     EnvVar("BLACKWHEEL_VLLM_E2E_HEAD_DIM", "64", "tests/gpu: the tiny model's head dim (64 or 128)"),
+    EnvVar("BLACKWHEEL_VLLM_E2E_KV_CACHE_DTYPE", "auto", "tests/gpu: vLLM's KV cache dtype in the end-to-end test (auto or fp8)"),
     EnvVar("BLACKWHEEL_OWNER", "", "marks a build's processes so the next build ends what a killed one left", True),
     EnvVar("BLACKWHEEL_JOBSERVER", "", "the shared jobserver every ninja of a build-all joins", True),
     EnvVar("BLACKWHEEL_MEMGATE_MIN_BYTES", "", "memory gate: free memory a compile waits for", True),
