@@ -235,3 +235,31 @@ def test_a_name_takes_one_set_of_bytes_in_the_whole_wheelhouse(tmp_path):
     (root / "stack-b" / "gb10" / first.name).unlink()
     place(second, _manifest(), root, "stack-a", "gb10")
     assert sha256_file(root / "stack-a" / "gb10" / first.name) == sha256_file(second)
+
+
+def test_a_name_another_stack_holds_is_found_before_a_build(tmp_path):
+    """build checks this before compiling: the name (dist, version, local version) is another stack's."""
+    from blackwheel.pipeline.build import _refuse_a_name_another_stack_holds
+    from blackwheel.core.errors import UsageError
+    from types import SimpleNamespace
+    root = tmp_path / "wh"
+    wheel = retag_wheel(make_wheel(_dir(tmp_path / "in")), "cu130.sm121", tmp_path / "out")
+    place(wheel, _manifest(), root, "stack-a", "gb10")
+    find = wheelhouse.name_taken_elsewhere
+    assert find(root, "stack-b", "pkg-x", "1.0", "cu130.sm121") == root / "stack-a" / "gb10" / wheel.name
+    assert find(root, "stack-a", "pkg-x", "1.0", "cu130.sm121") is None        # its own stack: a rebuild
+    assert find(root, "stack-b", "pkg-x", "1.0", "cu130.sm120") is None        # another local version
+    assert find(root, "stack-b", "pkg-x", "1.1", "cu130.sm121") is None
+    req = SimpleNamespace(wheelhouse=root, stack=SimpleNamespace(name="stack-b", cuda="13.0"),
+                          target=SimpleNamespace(tag="sm121"), variant_tags=(),
+                          recipe=SimpleNamespace(dist_name="pkg-x"), version=SimpleNamespace(version="1.0"))
+    with pytest.raises(UsageError, match="stack-a/gb10/pkg_x-1.0\\+cu130.sm121-.*remove it") as refused:
+        _refuse_a_name_another_stack_holds(req)
+    assert "\n" not in str(refused.value)
+    req.stack.name = "stack-a"
+    _refuse_a_name_another_stack_holds(req)
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

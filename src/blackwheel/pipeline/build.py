@@ -30,12 +30,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from ..builders import BuildRequest, Prepared, builder_for
 from ..check.verify import verify_wheel, with_findings
-from ..core.errors import BuildFailed, StackMismatch, ToolchainError
+from ..core.errors import BuildFailed, StackMismatch, ToolchainError, UsageError
 from ..core.fsutil import flocked, sha256_file
 from ..core.recipe import Recipe, requirement_lines, stack_disagreements
 from ..core.targets import Target, parse_arch_list
 from ..release.manifest import Manifest, read_manifest
-from ..release.wheelhouse import find_reusable, local_version, place, retag_wheel
+from ..release.wheelhouse import find_reusable, local_version, name_taken_elsewhere, place, retag_wheel
 from ..sources.fetch import safe_extract
 from ..sources.patch import apply_series
 from ..toolchain import memgate
@@ -369,6 +369,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     outcome = _reusable(req, key, "identical inputs")
     if outcome:
         return outcome
+    _refuse_a_name_another_stack_holds(req)
     # a fixed folder per package/version/target: the compiler cache hits only for sources at the same path
     work = req.workdir / "-".join([req.recipe.name, rv.version, req.target.name, *req.variant_tags])
     label = f"{req.recipe.name} {rv.version} [{req.target.name}]"
@@ -378,6 +379,18 @@ def build_package(req: BuildRequest) -> BuildOutcome:
                                      file=sys.stderr)) as waited:
         why = "built by the run this one waited for" if waited else "identical inputs"
         return _reusable(req, key, why) or _build(req, toolchain, inputs, key, work)
+
+
+def _refuse_a_name_another_stack_holds(req: BuildRequest) -> None:
+    """Before any compile: the wheel's file name (dist, version, local version) must not already be
+    another stack's, whose bytes differ (another torch); placement would refuse it after the compile."""
+    local = local_version(req.stack.cuda, req.target.tag, req.variant_tags)
+    other = name_taken_elsewhere(req.wheelhouse, req.stack.name, req.recipe.dist_name, req.version.version, local)
+    if other is not None:
+        raise UsageError(f"{other.relative_to(req.wheelhouse)} already holds the file name this "
+                         f"{req.stack.name} build would make ({req.recipe.dist_name} {req.version.version}"
+                         f"+{local}), with another stack's bytes; an index serves one file per name: remove "
+                         "it, or use another wheelhouse (BLACKWHEEL_WHEELHOUSE)")
 
 
 def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> BuildOutcome:

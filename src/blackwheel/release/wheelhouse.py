@@ -151,6 +151,19 @@ def _refuse_a_second_body(root: Path, final: Path, sha: str) -> None:
                 "serves one file per name); give this build a different local version, or remove the other")
 
 
+def name_taken_elsewhere(root: Path, stack: str, dist_name: str, version: str, local: str) -> Path | None:
+    """A wheel of this name and version (``dist-version+local-*.whl``) placed for another stack: a build
+    here would make the same file name from another torch, and placement would refuse it (above), so
+    a build checks this before it compiles. Index copies (``files/``) do not count."""
+    stem = f"{re.sub(r'[-_.]+', '_', dist_name).lower()}-{version}+{local}-"
+    for other in sorted(root.glob(f"*/*/{stem}*.whl")):
+        if other.parents[1].name == stack or (other.parents[1] / "simple" / "index.json").is_file():
+            continue
+        if (other.parent / (other.name + SUFFIX)).is_file():
+            return other
+    return None
+
+
 def wheels(root: Path, stack: str | None = None, target: str | None = None) -> list[Path]:
     """Every wheel in the wheelhouse (optionally of one stack / target) that has a manifest."""
     pattern = f"{stack or '*'}/{target or '*'}/*.whl"
