@@ -2,7 +2,7 @@
 
 A trace is recorded on a GPU (``upstream_trace`` inside upstream's tests, or the vLLM end-to-end
 worker), checked against a kernel set (``trace_gaps``, in CI) or a built wheel (``verify --trace``),
-grown by later runs (``add_runs``), and carried to a target with no GPU here by the pinned version's
+grown by later runs (``add_runs``), and carried to a target whose GPU it was not taken on by the pinned version's
 own dispatch rule (``derive_for_target``).
 
 The file: ``{package, version, target, archs, how, files, not_traced, modules: {name: {prebuilt?,
@@ -111,7 +111,7 @@ PER_ARCH_MODULE = "fp4_quantization_"        # named per compute capability: not
 
 
 def derive_for_target(trace: Mapping, recipe: Mapping, target_name: str, how: str) -> dict:
-    """What the same runs ask for on ``target_name`` (no GPU of it here), from ``trace`` and the pinned
+    """What the same runs ask for on ``target_name`` (a GPU the trace was not taken on), from ``trace`` and the pinned
     version's dispatch rule: where the target has no 9.0a, every FA3 module becomes the FA2 module of the
     same parameters; per-arch modules are left out. No ``prebuilt``: nothing was loaded."""
     archs = target_archs(recipe, target_name)
