@@ -189,9 +189,6 @@ def closing_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STACK_ROW = "(stack)"
-
-
 def stack_row(rows: list[dict], estimates: list[Estimate], wall_s: float, jobs: int | None) -> dict:
     """The closing table's last line: the stack's own wall, and the estimate of what was built."""
     built = [e for r, e in zip(rows, estimates) if r["result"] == "built" and e.seconds is not None]
@@ -199,7 +196,7 @@ def stack_row(rows: list[dict], estimates: list[Estimate], wall_s: float, jobs: 
     cpu = [r["cpu_s"] for r in rows if r.get("cpu_s") is not None]
     peaks = [r["peak_gib"] for r in rows if r.get("peak_gib") is not None]
     results = sorted({r["result"] for r in rows})
-    return {"package": STACK_ROW, "version": "", "result": "/".join(results), "wheel": f"{len(rows)} packages",
+    return {"package": "(stack)", "version": "", "result": "/".join(results), "wheel": f"{len(rows)} packages",
             "wall_s": round(wall_s, 1), "estimate_s": round(est) if est is not None else None,
             "cpu_s": round(sum(cpu), 1) if cpu else None,
             # each package's own peak; built together their sum bounds the machine's, apart their largest
@@ -227,10 +224,8 @@ def build_stack(requests, keep_going: bool = False, build=None, together: bool =
     for row, est in zip(rows, estimates):      # the estimate beside the actual, for what was built
         if row["result"] == "built" and est.seconds is not None:
             row["estimate_s"] = round(est.seconds)
-    if len(rows) > 1:                           # the whole stack: its wall against the whole's estimate
-        rows.append(stack_row(rows, estimates, time.monotonic() - started, jobs))
-    print(closing_table(rows))
-    rows = [r for r in rows if r["package"] != STACK_ROW]
+    whole = [stack_row(rows, estimates, time.monotonic() - started, jobs)] if len(rows) > 1 else []
+    print(closing_table(rows + whole))          # last, the whole stack: its wall against its estimate
     failed = [r for r in rows if r["result"] == "FAILED"]
     if failed and not keep_going:
         raise failed[0]["exception"]

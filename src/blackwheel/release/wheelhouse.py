@@ -17,7 +17,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from packaging.utils import parse_wheel_filename
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 from ..core.errors import BuildFailed, PublishError
@@ -140,8 +140,8 @@ def _refuse_a_second_body(root: Path, final: Path, sha: str) -> None:
     name, and an index refuses a wheelhouse that holds two. Refused here, under the wheelhouse lock,
     the first placement of a name wins and the second is told why (both hashes); the same bytes in
     another stack, or a rebuild replacing this very file, pass."""
-    for other in sorted(root.glob(f"*/*/{final.name}")):
-        if other == final or (other.parents[1] / "simple" / "index.json").is_file():   # a static index's files/
+    for other in _placed(root, final.name):
+        if other == final:
             continue
         placed = try_read(other.parent / (other.name + SUFFIX))
         if placed is not None and placed.get("wheel_sha256") not in (None, sha):
@@ -152,16 +152,26 @@ def _refuse_a_second_body(root: Path, final: Path, sha: str) -> None:
 
 
 def name_taken_elsewhere(root: Path, stack: str, dist_name: str, version: str, local: str) -> Path | None:
-    """A wheel of this name and version (``dist-version+local-*.whl``) placed for another stack: a build
+    """A placed wheel of this project and version (``version+local``) in another stack's folder: a build
     here would make the same file name from another torch, and placement would refuse it (above), so
-    a build checks this before it compiles. Index copies (``files/``) do not count."""
-    stem = f"{re.sub(r'[-_.]+', '_', dist_name).lower()}-{version}+{local}-"
-    for other in sorted(root.glob(f"*/*/{stem}*.whl")):
-        if other.parents[1].name == stack or (other.parents[1] / "simple" / "index.json").is_file():
+    a build checks this before it compiles."""
+    want = (canonicalize_name(dist_name), Version(f"{version}+{local}"))
+    for other in _placed(root):
+        if other.parents[1].name == stack or not (other.parent / (other.name + SUFFIX)).is_file():
             continue
-        if (other.parent / (other.name + SUFFIX)).is_file():
-            return other
+        try:
+            if parse_wheel_filename(other.name)[:2] == want:
+                return other
+        except InvalidWheelFilename:
+            continue
     return None
+
+
+def _placed(root: Path, name: str = "*.whl"):
+    """Wheels in the wheelhouse's ``<stack>/<target>/`` folders, a static index's ``files/`` left out."""
+    for path in sorted(root.glob(f"*/*/{name}")):
+        if not (path.parents[1] / "simple" / "index.json").is_file():
+            yield path
 
 
 def wheels(root: Path, stack: str | None = None, target: str | None = None) -> list[Path]:

@@ -55,7 +55,11 @@ def install(target: str) -> None:
 def write_recorded(path: str | Path) -> None:
     """Outside pytest (a program that called ``install``, e.g. vLLM's engine in one process): the
     modules recorded so far, in the same form a test run writes."""
-    Path(path).write_text(json.dumps({"modules": _modules, "first_result_s": {}}, indent=1, sort_keys=True))
+    _write(Path(path), {})
+
+
+def _write(path: Path, first_result: dict) -> None:
+    path.write_text(json.dumps({"modules": _modules, "first_result_s": first_result}, indent=1, sort_keys=True))
 
 
 def _file_of(nodeid: str) -> str:
@@ -82,8 +86,7 @@ def pytest_sessionfinish(session, exitstatus):
     out = os.environ.get(TRACE_OUT_ENV)
     if out:   # pytest-xdist: each worker writes its own file beside it (``merge`` reads them all)
         worker = os.environ.get("PYTEST_XDIST_WORKER")
-        Path(f"{out}.{worker}" if worker else out).write_text(
-            json.dumps({"modules": _modules, "first_result_s": _first_result}, indent=1, sort_keys=True))
+        _write(Path(f"{out}.{worker}" if worker else out), _first_result)
 
 
 def merge(out: Path) -> dict:
