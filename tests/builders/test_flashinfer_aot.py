@@ -54,7 +54,7 @@ def test_default_set_includes_its_parts_once() -> None:
     assert len(set(got)) == len(got)
     hopper = labels("default", archs=fa.target_archs(RECIPE, "hopper"))
     assert hopper[:len(got)] == got and [r.split("(")[0] for r in hopper[len(got):]] == (
-        ["batch_prefill_sm90"] * 4 + ["single_prefill_sm90"] * 4)
+        ["batch_prefill_sm90"] * 6 + ["single_prefill_sm90"] * 4)   # 6: f16, bf16 and FP8 (vLLM's FP8 KV)
 
 
 def test_narrowing_to_one_head_dim_and_dtype() -> None:

@@ -46,7 +46,7 @@ def test_names_follow_flashinfer_spelling():
     assert ("batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_dtype_o_bf16_dtype_idx_i32_head_dim_qk_64_"
             "head_dim_vo_64_posenc_0_use_swa_False_use_logits_cap_False") in names
     gb10 = fa.module_names(RECIPE, "default", fa.target_archs(RECIPE, "gb10"))
-    assert not [n for n in gb10 if n.endswith("_sm90")] and len(set(names) - set(gb10)) == 8
+    assert not [n for n in gb10 if n.endswith("_sm90")] and len(set(names) - set(gb10)) == 10
 
 
 def test_a_wrong_name_template_is_refused():
@@ -62,8 +62,11 @@ def test_plan_prints_what_the_set_holds_and_its_coverage(capsys):
 
     assert cli.main(["plan", "flashinfer", "--target", "hopper", "--kernels", "default"]) == 0
     hopper = capsys.readouterr().out
-    assert "kernel set 'default' for hopper (9.0a): 50 modules" in hopper
+    assert "kernel set 'default' for hopper (9.0a): 52 modules" in hopper
     assert "batch_prefill_sm90" in hopper and "exclude-tests=['*_nvfp4']" in hopper
+    # dtype pairs as held: FA3 has an FP8 query with an FP8 cache, never f16 q beside an e4m3 cache
+    fa3 = next(line for line in hopper.splitlines() if line.strip().startswith("batch_prefill_sm90"))
+    assert "e4m3/e4m3" in fa3 and "bf16/bf16" in fa3 and "bf16/e4m3" not in fa3
     gb10 = fa.kernel_set_table(RECIPE, "default", "gb10")
     assert "42 modules" in gb10 and "_sm90" not in gb10
 
@@ -96,6 +99,19 @@ def test_derive_carries_fa3_to_fa2_only_where_the_target_has_no_9_0a():
                                "quantization": {"files": ["t.py"], "asked_by": ["test_mask"]}}
     assert gb10["archs"] == ["12.1a"] and gb10["target"] == "gb10"
     assert set(derive_for_target(trace, RECIPE, "hopper", "same")["modules"]) == {fa2 + "_sm90", "quantization"}
+
+
+def test_derive_gives_an_fp8_query_the_output_dtype_where_only_fa2_exists():
+    fp8 = ("batch_prefill_with_kv_cache_dtype_q_e4m3_dtype_kv_e4m3_dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_"
+           "head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False")
+    trace = {"package": "flashinfer", "version": "0.6.13", "target": "hopper", "files": ["t.py"],
+             "modules": {fp8 + "_sm90": {"prebuilt": False, "files": ["t.py"]}}}
+    gb10 = derive_for_target(trace, RECIPE, "gb10", "derived")
+    assert list(gb10["modules"]) == [fp8.replace("_dtype_q_e4m3_", "_dtype_q_bf16_")]
+    assert list(derive_for_target(trace, RECIPE, "hopper", "same")["modules"]) == [fp8 + "_sm90"]
+    # an FA2 module whose KV cache is FP8 keeps its query as it was
+    fa2 = fp8.replace("_dtype_q_e4m3_", "_dtype_q_f16_").replace("_dtype_o_bf16_", "_dtype_o_f16_")
+    assert list(derive_for_target({**trace, "modules": {fa2: {"files": ["t.py"]}}}, RECIPE, "gb10", "d")["modules"]) == [fa2]
 
 
 def test_a_later_run_grows_the_trace_and_a_module_now_prebuilt_drops_its_askers():

@@ -100,6 +100,8 @@ sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the F
          # pytest workers filled the GPU's 139 GiB, and what ran out of memory (or stalled: batch prefill
          # beside other lanes gave no result three times) judged the load, not the kernels
          # (docs/reports/flashinfer-kernel-sets-h200.md, fourth run). FILES='NAME:PATH:XDIST:DEADLINE_S;...'
+         # Default: rope alone, 6 workers (8 filled the GPU even alone, fifth run), 800 s: about 11 minutes,
+         # so follow it with a second call. (Sampling: 'sampling:tests/utils/test_sampling.py:-n 8:420'.)
   cat > /tmp/sets.sh <<'SH'
 #!/bin/bash
 RES=/tmp/vllm-res; start=$(date +%s)
@@ -122,7 +124,7 @@ fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within
 }
 [ "${E2E:-1}" = 1 ] && { e2e 64 0; e2e 128 1; }
 [ "${E2E_FP8:-1}" = 1 ] && e2e 128 1 fp8     # FP8 KV cache: on 9.0 vLLM also quantizes the prefill query
-IFS=';' read -ra items <<< "${FILES:-rope:tests/attention/test_rope.py:-n 6:600;sampling:tests/utils/test_sampling.py:-n 8:420}"
+IFS=';' read -ra items <<< "${FILES:-rope:tests/attention/test_rope.py:-n 6:800}"
 for f in "${items[@]}"; do
   IFS=: read -r name path xdist cap <<< "$f"; fitest "$name" "$path" "$xdist" "$cap"
 done

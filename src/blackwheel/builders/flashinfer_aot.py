@@ -201,21 +201,24 @@ def check_module_names(recipe: Mapping, requests: Sequence[ModuleRequest], made:
 
 
 def kernel_set_table(recipe: Mapping, set_name: str, target: Target | str) -> str:
-    """What a set holds for a target, per generator (head dims, dtypes, backend), and the coverage it
-    declares for upstream's tests: ``blackwheel plan flashinfer --kernels SET``."""
+    """What a set holds for a target, per generator (head dims, the q/KV dtype pairs it holds, backend),
+    and the coverage it declares for upstream's tests: ``blackwheel plan flashinfer --kernels SET``."""
     archs = target_archs(recipe, target)
     requests = expand_kernel_set(recipe, set_name, archs=archs)
+    short = recipe.get("aot", {}).get("dtype-names", {})
     rows: dict[str, dict[str, set]] = {}
     for req in requests:
         kw = dict(req.kwargs)
-        row = rows.setdefault(req.gen, {"modules": set(), "head dims": set(), "q dtypes": set(),
-                                        "KV dtypes": set(), "backend": set()})
+        row = rows.setdefault(req.gen, {"modules": set(), "head dims": set(), "q/KV dtypes": set(), "backend": set()})
         row["modules"].add(module_name(recipe, req) or req.label)
-        for col, key in (("head dims", "head_dim_qk"), ("q dtypes", "dtype_q"), ("KV dtypes", "dtype_kv"),
-                         ("backend", "backend"), ("KV dtypes", "act_func_name")):
-            if key in kw and not (col == "KV dtypes" and key == "act_func_name"):
-                row[col].add(str(kw[key]))
-    cols = ["generator", "modules", "head dims", "q dtypes", "KV dtypes", "backend"]
+        if "head_dim_qk" in kw:
+            row["head dims"].add(str(kw["head_dim_qk"]))
+        if "backend" in kw:
+            row["backend"].add(str(kw["backend"]))
+        # pairs, not two lists: FA3 holds e4m3/e4m3 but not f16/e4m3, which two lists would suggest
+        if "dtype_q" in kw:
+            row["q/KV dtypes"].add("/".join(short.get(str(kw[k]), str(kw[k])) for k in ("dtype_q", "dtype_kv")))
+    cols = ["generator", "modules", "head dims", "q/KV dtypes", "backend"]
     table = [cols] + [[gen, str(len(r["modules"]))] + [",".join(sorted(r[c], key=lambda v: (len(v), v))) or "-"
                                                         for c in cols[2:]] for gen, r in rows.items()]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -108,12 +109,17 @@ def add_runs(trace: Mapping, results: Iterable[Mapping]) -> dict:
 # prefill is its FA2 module's name with this suffix.
 FA3_SUFFIX, FA3_ARCH = "_sm90", "9.0a"
 PER_ARCH_MODULE = "fp4_quantization_"        # named per compute capability: not carried to another
+# An FP8 query exists only on FA3 paths: 0.6.13's FA2 generator refuses one ("fp8 tensor core is not
+# supported in fa2 backend"), and vLLM 0.25.1 (get_q_data_type) keeps the model's dtype for the query
+# where only FA2 exists ("e.g. SM89, SM120"); the model's dtype is the module's output dtype.
+FP8_QUERY = re.compile(r"_dtype_q_(e4m3|e5m2)_(.*_dtype_o_([a-z0-9]+)_)")
 
 
 def derive_for_target(trace: Mapping, recipe: Mapping, target_name: str, how: str) -> dict:
-    """What the same runs ask for on ``target_name`` (a GPU the trace was not taken on), from ``trace`` and the pinned
-    version's dispatch rule: where the target has no 9.0a, every FA3 module becomes the FA2 module of the
-    same parameters; per-arch modules are left out. No ``prebuilt``: nothing was loaded."""
+    """What the same runs ask for on ``target_name`` (a GPU the trace was not taken on), from ``trace``
+    and the pinned versions' rules: where the target has no 9.0a, every FA3 module becomes the FA2
+    module of the same parameters, with the output's dtype for an FP8 query (``FP8_QUERY``); per-arch
+    modules are left out. No ``prebuilt``: nothing was loaded."""
     archs = target_archs(recipe, target_name)
     fa3 = any(str(a) == FA3_ARCH for a in archs)
     modules: dict[str, dict] = {}
@@ -121,7 +127,7 @@ def derive_for_target(trace: Mapping, recipe: Mapping, target_name: str, how: st
         if name.startswith(PER_ARCH_MODULE):
             continue
         if not fa3 and name.endswith(FA3_SUFFIX):
-            name = name[:-len(FA3_SUFFIX)]
+            name = FP8_QUERY.sub(lambda m: f"_dtype_q_{m[3]}_{m[2]}", name[:-len(FA3_SUFFIX)])
         have = modules.setdefault(name, {"files": []})
         have["files"] = sorted(set(have["files"]) | set(entry.get("files", [])))
         if entry.get("asked_by") and not entry.get("prebuilt", False):
