@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from blackwheel.core.errors import UsageError
 from blackwheel.core.fsutil import sha256_file
 from blackwheel.core.recipe import load_recipe
 from blackwheel.sources.fetch import Fetcher
@@ -188,6 +189,24 @@ def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tm
     assert counts == {"passed": 1, "failed": 0, "skipped": 0, "skipped_missing_module": 0, "not_run_deadline": 2}
     assert result["partial"] == "2 test(s) not run: the 3600 s deadline passed"
     assert "PARTIAL: 2 test(s) not run" in report_text(result)
+    left = ["tests/attention/test_decode_kernels.py::test_nor_this",
+            "tests/attention/test_decode_kernels.py::test_not_started_in_time"]
+    assert result["not_run_ids"] == left
+
+    # the rest of that run: only the two it left run (no deadline now, so they run, and fail as written)
+    both = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
+                              offline=True), tmp_path / "work", rest_of=result)
+    assert both["files"]["tests/attention/test_decode_kernels.py"] == {
+        "passed": 1, "failed": 2, "skipped": 0, "skipped_missing_module": 0}
+    assert both["runs"] == 2 and "partial" not in both and "not_run_ids" not in both
+    assert both["failure_reasons"]["tests/attention/test_decode_kernels.py"] == {
+        "AssertionError: ran after the deadline": 2}
+    assert "counts of 2 runs together" in report_text(both)
+    with pytest.raises(UsageError, match="left no test unrun"):
+        run_upstream_tests(load_recipe("pkg"), "1.0", fetcher, tmp_path / "work", rest_of=both)
+    with pytest.raises(UsageError, match="kernel set 'small'"):
+        run_upstream_tests(load_recipe("pkg"), "1.0", fetcher, tmp_path / "work", kernel_set=None,
+                           rest_of={**result, "kernel_set": "small"})
 
 
 def test_a_file_that_does_not_import_fails_alone_and_says_why(upstream, tmp_path):
@@ -229,6 +248,15 @@ def test_a_deadline_of_zero_is_refused_in_one_line(capsys):
     from blackwheel import cli
     assert cli.main(["test-upstream", "pkg", "--deadline-s", "0"]) == 2
     assert capsys.readouterr().err == "blackwheel: --deadline-s 0: give a number of seconds above 0\n"
+
+
+def test_rest_of_is_refused_in_one_line_without_a_readable_run_or_beside_only(capsys, tmp_path):
+    from blackwheel import cli
+    assert cli.main(["test-upstream", "pkg", "--rest-of", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blackwheel: --rest-of {tmp_path}: no readable upstream-tests-pkg.json") and err.count("\n") == 1
+    assert cli.main(["test-upstream", "pkg", "--rest-of", str(tmp_path), "--only", "tests/x.py"]) == 2
+    assert capsys.readouterr().err == "blackwheel: --rest-of runs what that run left; --only cannot narrow it\n"
 
 
 JUNIT_OOM = """<testsuites><testsuite>

@@ -11,6 +11,7 @@
 #          tools/gpu/vllm-run.sh collect           # counts, e2e JSON, logs into $OUT (one .tgz)
 #          tools/gpu/vllm-run.sh files S GLOB...   # then: one lane per test file, all at once, S s each
 #          LANES=0 tools/gpu/vllm-run.sh start; tools/gpu/vllm-run.sh sets   # the kernel-set run instead
+#          tools/gpu/vllm-run.sh rest rope '-n 6' 300   # then what a deadline left of a file, counted with it
 # PRELOAD_LIBCUDA=1: for a vllm wheel built before the libcuda stub exported the driver's symbols
 # (its _C and cumem_allocator lack libcuda.so.1 in NEEDED and do not load otherwise).
 # The run: first tests/gpu/test_vllm_e2e.py alone (FlashInfer and FlashAttention backends), then
@@ -133,6 +134,12 @@ SH
   chmod +x /tmp/sets.sh; mkdir -p $RES
   setsid nohup /tmp/sets.sh > $LOG 2>&1 < /dev/null &
   follow ${FOLLOW_S:-500} ;;
+rest)    # after sets: what a partial file left, as one count with it. rest NAME XDIST DEADLINE_S
+  name=${2:?name as in FILES} xdist=${3:?e.g. '-n 6'} cap=${4:?seconds}
+  BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-$name-rest FLASHINFER_DISABLE_JIT=1 timeout $((cap + 120)) python3 -m blackwheel.cli \
+      test-upstream flashinfer --kernels default --mirror /tmp/fi-tests --rest-of $RES/fi-$name --pytest-args "$xdist" \
+      --deadline-s $cap --out $RES/fi-$name-all > $RES/fi-$name-all.log 2>&1
+  grep -E "^\| total|PARTIAL|OUT OF MEMORY|runs together" $RES/fi-$name-all.log ;;
 files)   # after start: each file in a lane of its own, all at once, S seconds each
   cap=${2:?seconds per file}; shift 2; start=$SECONDS
   for f in "$@"; do
@@ -147,5 +154,5 @@ collect)
   mkdir -p "$OUT"; cp $LOG $RES/ 2>/dev/null
   tar czf "$OUT/vllm-res.tgz" -C /tmp vllm-res && ls -la "$OUT" ;;
 *)
-  echo "usage: $0 pack | start | sets | follow | collect | files S GLOB..." >&2; exit 2 ;;
+  echo "usage: $0 pack | start | sets | follow | rest NAME XDIST S | collect | files S GLOB..." >&2; exit 2 ;;
 esac

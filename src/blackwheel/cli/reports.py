@@ -4,6 +4,7 @@ measured and told about a machine or a build."""
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -77,6 +78,9 @@ def _test_upstream_parser(sub) -> None:
     p.add_argument("--deadline-s", type=float, metavar="S",
                    help="skip (and count as not run) the tests not started S seconds after pytest starts, "
                         "so a run with a time limit still ends with its counts")
+    p.add_argument("--rest-of", type=Path, metavar="DIR",
+                   help="the --out folder of a run a deadline left partial: run only the tests it did not, "
+                        "and report both runs' counts together")
     p.add_argument("--pytest-args", default="", metavar="ARGS",
                    help="passed to pytest, one string (e.g. --pytest-args='-x -k norm')")
     p.set_defaults(func=cmd_test_upstream)
@@ -85,13 +89,22 @@ def _test_upstream_parser(sub) -> None:
 def cmd_test_upstream(args) -> int:
     if args.deadline_s is not None and args.deadline_s <= 0:
         raise UsageError(f"--deadline-s {args.deadline_s:g}: give a number of seconds above 0")
+    rest_of = None
+    if args.rest_of is not None:
+        if args.only:
+            raise UsageError("--rest-of runs what that run left; --only cannot narrow it")
+        earlier = args.rest_of / f"upstream-tests-{args.package}.json"
+        try:
+            rest_of = json.loads(earlier.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--rest-of {args.rest_of}: no readable {earlier.name} ({exc})") from None
     stack = load_stack(args.stack)
     recipe = load_recipe(args.package)
     version = pinned(stack, recipe)
     kernel_set = args.kernel_set or ("default" if "kernel-sets" in recipe.data else None)
     work = settings(args).workdir / "upstream-tests" / recipe.name
     result = upstream_tests.run_upstream_tests(recipe, version, fetcher_of(args), work, args.python, kernel_set,
-                                               shlex.split(args.pytest_args), args.only, args.deadline_s)
+                                               shlex.split(args.pytest_args), args.only, args.deadline_s, rest_of)
     text = upstream_tests.report_text(result)
     print(text)
     if args.out:

@@ -67,6 +67,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_TRACE", "", "test-upstream plugin and the vLLM end-to-end worker: the method every module load goes through", True),
     EnvVar("BLACKWHEEL_TRACE_OUT", "", "test-upstream plugin: where the trace goes", True),
     EnvVar("BLACKWHEEL_TEST_DEADLINE", "", "test-upstream plugin: when tests stop starting (--deadline-s)", True),
+    EnvVar("BLACKWHEEL_NOT_RUN_OUT", "", "test-upstream plugin: file naming the tests the deadline left", True),
+    EnvVar("BLACKWHEEL_ONLY_IDS", "", "test-upstream plugin: file of the only tests to run (--rest-of)", True),
 )
 
 

@@ -5,21 +5,40 @@ Loaded into upstream's test run (``-p blackwheel.upstream_deadline``) by ``test-
 a run that skips what it has no time for ends on time with every count it has (``parse_junit``
 counts these apart: ``not_run_deadline``). Works under pytest-xdist: each worker reads the same
 absolute deadline from the environment.
+
+Each test it skips is named, one node id a line, in ``NOT_RUN_OUT_ENV``'s file; a later run given
+that list (``ONLY_IDS_ENV``) runs those tests and no others (``test-upstream --rest-of``).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 DEADLINE_ENV = "BLACKWHEEL_TEST_DEADLINE"   # seconds since the epoch
 DEADLINE_REASON = "blackwheel: not run, the run's deadline had passed"
+NOT_RUN_OUT_ENV = "BLACKWHEEL_NOT_RUN_OUT"  # file: the node ids skipped for the deadline
+ONLY_IDS_ENV = "BLACKWHEEL_ONLY_IDS"        # file: run only these node ids
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    only = os.environ.get(ONLY_IDS_ENV)
+    if not only:
+        return
+    wanted = set(Path(only).read_text().split("\n")) - {""}
+    items[:] = [item for item in items if item.nodeid in wanted]   # not coverage's deselection: no count
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     deadline = os.environ.get(DEADLINE_ENV)
     if deadline and time.time() > float(deadline):
+        out = os.environ.get(NOT_RUN_OUT_ENV)
+        if out:     # one short append a line: xdist workers write the same file without mixing lines
+            with open(out, "a") as f:
+                f.write(item.nodeid + "\n")
         pytest.skip(DEADLINE_REASON)

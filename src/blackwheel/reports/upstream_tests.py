@@ -28,7 +28,7 @@ from ..core.errors import UsageError
 from ..core.recipe import Recipe
 from ..sources.fetch import safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
-from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON
+from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -120,19 +120,33 @@ def _skip_reason(message: str) -> str:
 
 def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python: str = sys.executable,
                        kernel_set: str | None = None, pytest_args: list[str] = (),
-                       only: list[str] = (), deadline_s: float | None = None) -> dict:
+                       only: list[str] = (), deadline_s: float | None = None,
+                       rest_of: Mapping | None = None) -> dict:
     """Fetch the pinned tests, run them in ``python`` against what is installed, return the counts.
 
     ``only``: globs that keep some of the recipe's test files (a shorter run). ``deadline_s``: tests
     not started that many seconds after pytest starts are skipped and counted as not run, so a run
     with a time limit ends with its counts (``upstream_deadline``). Each run lays out and writes in a
-    folder of its own under ``work``, so runs at once do not mix their files."""
+    folder of its own under ``work``, so runs at once do not mix their files.
+
+    ``rest_of``: an earlier result that a deadline left partial; this run runs only the tests it did
+    not (its ``not_run_ids``) and returns the two runs' counts together."""
     rv = recipe.version(version)
     if rv.tests is None:
         raise UsageError(f"recipe {recipe.name} {version} names no upstream tests ([versions.tests])")
     paths = [p for p in rv.tests.paths if not only or any(fnmatch.fnmatch(p, g) for g in only)]
     if not paths:
         raise UsageError(f"--only {' '.join(only)} keeps none of {', '.join(rv.tests.paths)}")
+    only_ids = None
+    if rest_of is not None:
+        ran = (rest_of.get("package"), rest_of.get("version"), rest_of.get("kernel_set"))
+        if ran != (recipe.name, version, kernel_set):
+            raise UsageError(f"--rest-of: that run was of {ran[0]} {ran[1]} with kernel set {ran[2]!r}, "
+                             f"not {recipe.name} {version} with {kernel_set!r}")
+        only_ids = rest_of.get("not_run_ids") or []
+        if not only_ids:
+            raise UsageError("--rest-of: that run left no test unrun")
+        paths = sorted({i.split("::", 1)[0] for i in only_ids})
     if rv.tests.source is None:
         tree = safe_extract(fetcher.fetch(rv.sdist), work / "sdist")
     else:
@@ -140,20 +154,26 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
     work.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     try:
-        return _run_laid_out(recipe, rv, version, tree, run, python, kernel_set, pytest_args, paths, deadline_s)
+        result = _run_laid_out(recipe, rv, version, tree, run, python, kernel_set, pytest_args, paths,
+                               deadline_s, only_ids)
+        return result if rest_of is None else combine_runs(rest_of, result)
     finally:
         shutil.rmtree(run, ignore_errors=True)
 
 
 def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pytest_args, paths,
-                  deadline_s) -> dict:
+                  deadline_s, only_ids=None) -> dict:
     where = lay_out_tests(tree, run)
     junit, deselected_json, trace_json = run / "junit.xml", run / "deselected.json", run / "trace.json"
+    not_run_txt, only_txt = run / "not-run.txt", run / "only-ids.txt"
+    if only_ids:
+        only_txt.write_text("".join(f"{i}\n" for i in only_ids))
     coverage = coverage_of(recipe, kernel_set)
     env = {**os.environ, **rv.tests.env, COVERAGE_ENV: json.dumps(coverage), REPORT_ENV: str(deselected_json),
            TRACE_OUT_ENV: str(trace_json), **({TRACE_ENV: rv.tests.trace} if rv.tests.trace else {}),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONDONTWRITEBYTECODE": "1",
+           NOT_RUN_OUT_ENV: str(not_run_txt), **({ONLY_IDS_ENV: str(only_txt)} if only_ids else {}),
            **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
     cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.reports.upstream_coverage",
            "-p", "blackwheel.reports.upstream_trace", "-p", "blackwheel.reports.upstream_deadline",
@@ -172,11 +192,45 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
     trace = merge(trace_json)
     source = rv.tests.source.label if rv.tests.source else rv.sdist.label
     not_run = sum(c.get("not_run_deadline", 0) for c in result["files"].values())
+    not_run_ids = sorted(set(not_run_txt.read_text().split("\n")) - {""}) if not_run_txt.is_file() else []
     return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
             "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
             **({"partial": f"{not_run} test(s) not run: the {deadline_s:g} s deadline passed"} if not_run else {}),
             "first_result_s": trace.get("first_result_s", {}),
-            **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {})}
+            **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {}),
+            **({"not_run_ids": not_run_ids} if not_run_ids else {})}
+
+
+def combine_runs(first: Mapping, rest: Mapping) -> dict:
+    """A partial run and the run of what it left (``rest_of``), as one result: counts added per file,
+    except what was not run (the later run's word) and what coverage deselected (the first run's: the
+    later one collected only the tests left)."""
+    out = json.loads(json.dumps(first))
+    for name, counts in rest["files"].items():
+        have = out["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
+        for key, n in counts.items():
+            if key not in ("deselected", "not_run_deadline"):
+                have[key] = have.get(key, 0) + n
+        have.pop("not_run_deadline", None)
+        if counts.get("not_run_deadline"):
+            have["not_run_deadline"] = counts["not_run_deadline"]
+    for key in ("skip_reasons", "failure_reasons"):
+        for name, reasons in rest.get(key, {}).items():
+            mine = out.setdefault(key, {}).setdefault(name, {})
+            for why, n in reasons.items():
+                mine[why] = mine.get(why, 0) + n
+    out["missing_modules"] = sorted(set(out["missing_modules"]) | set(rest["missing_modules"]))
+    if "trace" in rest:
+        modules = out.setdefault("trace", {"via": rest["trace"]["via"], "modules": {}})["modules"]
+        for name, seen in rest["trace"]["modules"].items():
+            modules[name] = {"aot": seen.get("aot"), "calls": modules.get(name, {}).get("calls", 0) + seen.get("calls", 0)}
+    out["pytest_exit"] = rest["pytest_exit"] if first["pytest_exit"] in (0, 5) else first["pytest_exit"]
+    out["runs"] = first.get("runs", 1) + 1
+    out.pop("partial", None)
+    out.pop("not_run_ids", None)
+    if rest.get("partial"):
+        out["partial"], out["not_run_ids"] = rest["partial"], rest.get("not_run_ids", [])
+    return out
 
 
 def report_text(result: dict) -> str:
@@ -188,8 +242,10 @@ def report_text(result: dict) -> str:
     lines += [f"| {' | '.join(r)} |" for r in [*rows, totals]]
     if result["missing_modules"]:
         lines.append("missing modules: " + ", ".join(result["missing_modules"]))
+    if result.get("runs"):
+        lines.append(f"counts of {result['runs']} runs together: each later one ran what the one before left")
     if result.get("partial"):
-        lines.append("PARTIAL: " + result["partial"])
+        lines.append("PARTIAL: " + result["partial"] + " (--rest-of runs them)")
     oom = sum(c.get("out_of_memory", 0) for c in result["files"].values())
     if oom:
         lines.append(f"OUT OF MEMORY: {oom} of the failed and skipped ran out of GPU memory; they judge the "
