@@ -11,6 +11,7 @@ names the module it lacked: that list is also the trace of what its dispatcher a
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -205,7 +206,7 @@ def combine_runs(first: Mapping, rest: Mapping) -> dict:
     """A partial run and the run of what it left (``rest_of``), as one result: counts added per file,
     except what was not run (the later run's word) and what coverage deselected (the first run's: the
     later one collected only the tests left)."""
-    out = json.loads(json.dumps(first))
+    out = copy.deepcopy(dict(first))
     for name, counts in rest["files"].items():
         have = out["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
         for key, n in counts.items():
