@@ -209,6 +209,24 @@ def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tm
                            rest_of={**result, "kernel_set": "small"})
 
 
+def test_a_listed_test_that_no_longer_exists_is_named_as_vanished(upstream, tmp_path):
+    """A rest-of list naming a test upstream has since renamed: the real ones run, that one is named
+    (it is in no count), and one that -k deselects still exists, so it is not named."""
+    recipe, fetcher = upstream
+    first = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
+    file = "tests/attention/test_decode_kernels.py"
+    gone = f"{file}::test_decode[float16-96]"       # as if upstream renamed a parametrization
+    left = [f"{file}::test_decode[float16-64]", f"{file}::test_plain_skip", f"{file}::test_fails", gone]
+    both = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small",
+                              pytest_args=["-k", "not fails"], rest_of={**first, "not_run_ids": left})
+    assert both["vanished_ids"] == [gone] and both["vanished"] == 1
+    # the first run's counts, and one more passed and one more skipped: the real ids ran
+    assert both["files"][file] == {"passed": 4, "failed": 1, "skipped": 2, "skipped_missing_module": 1,
+                                   "deselected": 4}
+    assert f"VANISHED: 1 listed test(s) no longer exist (renamed or removed upstream, or their file did not " \
+           f"collect): not run, in no count: {gone}" in report_text(both)
+
+
 def test_a_file_that_does_not_import_fails_alone_and_says_why(upstream, tmp_path):
     recipe, fetcher = upstream
     sdist = tmp_path / "src" / "pkg-1.0"

@@ -69,6 +69,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_TEST_DEADLINE", "", "test-upstream plugin: when tests stop starting (--deadline-s)", True),
     EnvVar("BLACKWHEEL_NOT_RUN_OUT", "", "test-upstream plugin: file naming the tests the deadline left", True),
     EnvVar("BLACKWHEEL_ONLY_IDS", "", "test-upstream plugin: file of the only tests to run (--rest-of)", True),
+    EnvVar("BLACKWHEEL_VANISHED_OUT", "", "test-upstream plugin: file naming the listed tests no longer collected (--rest-of)", True),
 )
 
 

@@ -7,7 +7,9 @@ counts these apart: ``not_run_deadline``). Works under pytest-xdist: each worker
 absolute deadline from the environment.
 
 Each test it skips is named, one node id a line, in ``NOT_RUN_OUT_ENV``'s file; a later run given
-that list (``ONLY_IDS_ENV``) runs those tests and no others (``test-upstream --rest-of``).
+that list (``ONLY_IDS_ENV``) runs those tests and no others (``test-upstream --rest-of``). A listed id
+that collection no longer has (upstream renamed a parametrization) would not run and not be counted
+without a word: those are named in ``VANISHED_OUT_ENV``'s file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ DEADLINE_ENV = "BLACKWHEEL_TEST_DEADLINE"   # seconds since the epoch
 DEADLINE_REASON = "blackwheel: not run, the run's deadline had passed"
 NOT_RUN_OUT_ENV = "BLACKWHEEL_NOT_RUN_OUT"  # file: the node ids skipped for the deadline
 ONLY_IDS_ENV = "BLACKWHEEL_ONLY_IDS"        # file: run only these node ids
+VANISHED_OUT_ENV = "BLACKWHEEL_VANISHED_OUT"  # file: the listed node ids that collection no longer has
+COLLECTED = pytest.StashKey[set]()         # every node id collected, before any plugin deselects
+
+
+def pytest_itemcollected(item):
+    # seen here rather than in modifyitems: there coverage and -k have already dropped some, and
+    # a test they drop still exists
+    item.config.stash.setdefault(COLLECTED, set()).add(item.nodeid)
 
 
 @pytest.hookimpl(trylast=True)
@@ -31,6 +41,12 @@ def pytest_collection_modifyitems(session, config, items):
         return
     wanted = set(Path(only).read_text().split("\n")) - {""}
     items[:] = [item for item in items if item.nodeid in wanted]   # not coverage's deselection: no count
+    out = os.environ.get(VANISHED_OUT_ENV)
+    if out:     # each xdist worker collects alike and writes the same list: whole, by rename, so any one wins
+        vanished = sorted(wanted - config.stash.get(COLLECTED, set()))
+        part = Path(f"{out}.{os.getpid()}")
+        part.write_text("".join(f"{i}\n" for i in vanished))
+        os.replace(part, out)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -29,7 +29,7 @@ from ..core.errors import UsageError
 from ..core.recipe import Recipe
 from ..sources.fetch import safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
-from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV
+from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, VANISHED_OUT_ENV
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -37,6 +37,8 @@ MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
 # (torch's OutOfMemoryError, a CUDA "out of memory" status, FlashInfer's conftest "Skipping due to OOM")
 OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|out of memory|Skipping due to OOM", re.IGNORECASE)
 SRC_ROOT = Path(__file__).resolve().parents[2]     # so the test Python finds the coverage plugin
+# a file's counts before any test is counted; each file takes a copy (other counts join when they occur)
+EMPTY_COUNTS = {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0}
 
 
 def coverage_of(recipe: Recipe, kernel_set: str | None) -> dict:
@@ -73,7 +75,7 @@ def parse_junit(path: Path) -> dict:
         dotted = case.get("classname") or case.get("name", "")
         name = case.get("file") or dotted.replace(".", "/") + ".py"
         name = name[name.find("tests/"):] if "tests/" in name else name   # as the recipe names it
-        counts = files.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
+        counts = files.setdefault(name, dict(EMPTY_COUNTS))
         skipped = case.find("skipped")
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None:
@@ -131,7 +133,8 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
     folder of its own under ``work``, so runs at once do not mix their files.
 
     ``rest_of``: an earlier result that a deadline left partial; this run runs only the tests it did
-    not (its ``not_run_ids``) and returns the two runs' counts together."""
+    not (its ``not_run_ids``) and returns the two runs' counts together. Ids of those that collection no
+    longer has are named (``vanished_ids``): they ran in neither run, so no count holds them."""
     rv = recipe.version(version)
     if rv.tests is None:
         raise UsageError(f"recipe {recipe.name} {version} names no upstream tests ([versions.tests])")
@@ -166,7 +169,7 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
                   deadline_s, only_ids=None) -> dict:
     where = lay_out_tests(tree, run)
     junit, deselected_json, trace_json = run / "junit.xml", run / "deselected.json", run / "trace.json"
-    not_run_txt, only_txt = run / "not-run.txt", run / "only-ids.txt"
+    not_run_txt, only_txt, vanished_txt = run / "not-run.txt", run / "only-ids.txt", run / "vanished.txt"
     if only_ids:
         only_txt.write_text("".join(f"{i}\n" for i in only_ids))
     coverage = coverage_of(recipe, kernel_set)
@@ -174,7 +177,8 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
            TRACE_OUT_ENV: str(trace_json), **({TRACE_ENV: rv.tests.trace} if rv.tests.trace else {}),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONDONTWRITEBYTECODE": "1",
-           NOT_RUN_OUT_ENV: str(not_run_txt), **({ONLY_IDS_ENV: str(only_txt)} if only_ids else {}),
+           NOT_RUN_OUT_ENV: str(not_run_txt),
+           **({ONLY_IDS_ENV: str(only_txt), VANISHED_OUT_ENV: str(vanished_txt)} if only_ids else {}),
            **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
     cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.reports.upstream_coverage",
            "-p", "blackwheel.reports.upstream_trace", "-p", "blackwheel.reports.upstream_deadline",
@@ -188,18 +192,24 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
     result = parse_junit(junit)
     deselected = json.loads(deselected_json.read_text()) if deselected_json.is_file() else {}
     for name, n in deselected.items():
-        result["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0,
-                                          "skipped_missing_module": 0})["deselected"] = n
+        result["files"].setdefault(name, dict(EMPTY_COUNTS))["deselected"] = n
     trace = merge(trace_json)
     source = rv.tests.source.label if rv.tests.source else rv.sdist.label
     not_run = sum(c.get("not_run_deadline", 0) for c in result["files"].values())
-    not_run_ids = sorted(set(not_run_txt.read_text().split("\n")) - {""}) if not_run_txt.is_file() else []
+    not_run_ids = _ids_in(not_run_txt)
+    vanished_ids = _ids_in(vanished_txt)    # listed to run, but collection no longer has them
     return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
             "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
             **({"partial": f"{not_run} test(s) not run: the {deadline_s:g} s deadline passed"} if not_run else {}),
             "first_result_s": trace.get("first_result_s", {}),
             **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {}),
-            **({"not_run_ids": not_run_ids} if not_run_ids else {})}
+            **({"not_run_ids": not_run_ids} if not_run_ids else {}),
+            **({"vanished_ids": vanished_ids, "vanished": len(vanished_ids)} if vanished_ids else {})}
+
+
+def _ids_in(path: Path) -> list[str]:
+    """The node ids a plugin wrote to ``path``, one a line (none where it wrote no file)."""
+    return sorted(set(path.read_text().split("\n")) - {""}) if path.is_file() else []
 
 
 def combine_runs(first: Mapping, rest: Mapping) -> dict:
@@ -208,7 +218,7 @@ def combine_runs(first: Mapping, rest: Mapping) -> dict:
     later one collected only the tests left)."""
     out = copy.deepcopy(dict(first))
     for name, counts in rest["files"].items():
-        have = out["files"].setdefault(name, {"passed": 0, "failed": 0, "skipped": 0, "skipped_missing_module": 0})
+        have = out["files"].setdefault(name, dict(EMPTY_COUNTS))
         for key, n in counts.items():
             if key not in ("deselected", "not_run_deadline"):
                 have[key] = have.get(key, 0) + n
@@ -227,6 +237,9 @@ def combine_runs(first: Mapping, rest: Mapping) -> dict:
             modules[name] = {"aot": seen.get("aot"), "calls": modules.get(name, {}).get("calls", 0) + seen.get("calls", 0)}
     out["pytest_exit"] = rest["pytest_exit"] if first["pytest_exit"] in (0, 5) else first["pytest_exit"]
     out["runs"] = first.get("runs", 1) + 1
+    vanished = sorted({*first.get("vanished_ids", []), *rest.get("vanished_ids", [])})
+    if vanished:    # each run's list: a later run is given only what the one before left, so none twice
+        out["vanished_ids"], out["vanished"] = vanished, len(vanished)
     out.pop("partial", None)
     out.pop("not_run_ids", None)
     if rest.get("partial"):
@@ -247,6 +260,11 @@ def report_text(result: dict) -> str:
         lines.append(f"counts of {result['runs']} runs together: each later one ran what the one before left")
     if result.get("partial"):
         lines.append("PARTIAL: " + result["partial"] + " (--rest-of runs them)")
+    if result.get("vanished_ids"):
+        ids = result["vanished_ids"]
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        lines.append(f"VANISHED: {len(ids)} listed test(s) no longer exist (renamed or removed upstream, or their "
+                     f"file did not collect): not run, in no count: {', '.join(ids[:3])}{more}")
     oom = sum(c.get("out_of_memory", 0) for c in result["files"].values())
     if oom:
         lines.append(f"OUT OF MEMORY: {oom} of the failed and skipped ran out of GPU memory; they judge the "
