@@ -12,6 +12,9 @@
 #          tools/gpu/vllm-run.sh files S GLOB...   # then: one lane per test file, all at once, S s each
 #          LANES=0 tools/gpu/vllm-run.sh start; tools/gpu/vllm-run.sh sets   # the kernel-set run instead
 #          tools/gpu/vllm-run.sh rest rope '-n 6' 300   # then what a deadline left of a file, counted with it
+#          tools/gpu/vllm-run.sh build [SET]           # beside sets: FlashInfer's hopper SET built here (CPUs only)
+#          tools/gpu/vllm-run.sh e2e-new [SET]         # after build: vLLM with an FP8 KV cache against that set
+# FI_SITE: a folder whose FlashInfer comes first (e2e-new puts the set just built there).
 # PRELOAD_LIBCUDA=1: for a vllm wheel built before the libcuda stub exported the driver's symbols
 # (its _C and cumem_allocator lack libcuda.so.1 in NEEDED and do not load otherwise).
 # The run: first tests/gpu/test_vllm_e2e.py alone (FlashInfer and FlashAttention backends), then
@@ -23,7 +26,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 UNP=/tmp/unp
-export PYTHONPATH=/tmp/vsite:$PWD/src PATH=/tmp/vsite/bin:$PATH BLACKWHEEL_CACHE=/tmp/bw-cache \
+export PYTHONPATH=${FI_SITE:+$FI_SITE:}/tmp/vsite:$PWD/src PATH=/tmp/vsite/bin:$PATH BLACKWHEEL_CACHE=/tmp/bw-cache \
        BLACKWHEEL_OFFLINE=1 BLACKWHEEL_WORKDIR=/tmp/bw-work PYTHONUNBUFFERED=1
 [ "${PRELOAD_LIBCUDA:-0}" = 1 ] && export LD_PRELOAD=$(ldconfig -p | awk '/libcuda.so.1 /{print $NF; exit}')
 OUT=${OUT:-$PWD/gpu-out}
@@ -96,7 +99,7 @@ follow)
   follow ${FOLLOW_S:-540} ;;
 sets)    # after `LANES=0 start`: the kernel-set run. vLLM end to end with the FlashInfer backend, traced
          # (every FlashInfer module it asks for), head dim 64 compiled as users run it and 128 eager
-         # (E2E=0 leaves them out), and 128 eager with an FP8 KV cache (E2E_FP8=0 leaves it out);
+         # (E2E=0 leaves them out), and 128 compiled with an FP8 KV cache (E2E_FP8=0 leaves it out);
          # then FlashInfer's own files, ONE AT A TIME: side by side, the files'
          # pytest workers filled the GPU's 139 GiB, and what ran out of memory (or stalled: batch prefill
          # beside other lanes gave no result three times) judged the load, not the kernels
@@ -124,8 +127,10 @@ fitest() {   # NAME PATH XDIST DEADLINE_S: one of FlashInfer's own files, within
   say "flashinfer $1 exit $?"; grep -E "^\| total|PARTIAL|OUT OF MEMORY" $RES/fi-$1.log
 }
 [ "${E2E:-1}" = 1 ] && { e2e 64 0; e2e 128 1; }
-[ "${E2E_FP8:-1}" = 1 ] && e2e 128 1 fp8     # FP8 KV cache: on 9.0 vLLM also quantizes the prefill query
-IFS=';' read -ra items <<< "${FILES:-rope:tests/attention/test_rope.py:-n 6:800}"
+# FP8 KV cache: on 9.0 vLLM also quantizes the query to FP8. Compiled, as users run it: eager, vLLM 0.25.1
+# stops in its own maybe_quant_query (it asserts a contiguous query; eager hands it a slice of QKV)
+[ "${E2E_FP8:-1}" = 1 ] && e2e 128 0 fp8
+IFS=';' read -ra items <<< "${FILES-rope:tests/attention/test_rope.py:-n 6:800}"   # FILES= : none
 for f in "${items[@]}"; do
   IFS=: read -r name path xdist cap <<< "$f"; fitest "$name" "$path" "$xdist" "$cap"
 done
@@ -134,6 +139,31 @@ SH
   chmod +x /tmp/sets.sh; mkdir -p $RES
   setsid nohup /tmp/sets.sh > $LOG 2>&1 < /dev/null &
   follow ${FOLLOW_S:-500} ;;
+build)   # beside sets (CPU only): FlashInfer's hopper SET built here from the carried bundle, niced so
+         # the GPU tests keep their cores, then checked against every hopper trace (verify --trace).
+         # Its wall time is not a benchmark: it shares the machine. build [SET]; JOBS (default 9)
+  set=${2:-default}
+  cat > /tmp/fi-build.sh <<SH
+#!/bin/bash
+start=\$(date +%s)
+BLACKWHEEL_MIRROR=$UNP/fi.bwb BLACKWHEEL_WHEELHOUSE=/tmp/wh-$set BLACKWHEEL_WORKDIR=/tmp/bw-build nice -n 10 \\
+    python3 -m blackwheel.cli build flashinfer --target hopper --kernels $set --jobs ${JOBS:-9} > $RES/build-$set.log 2>&1
+echo "BUILD exit \$? after \$(( \$(date +%s) - start )) s"
+for t in recipes/traces/flashinfer-*-hopper*.json; do
+  python3 -m blackwheel.cli verify /tmp/wh-$set/*/hopper/flashinfer_python-*.whl --target hopper --trace \$t \\
+      > $RES/verify-\$(basename \$t .json).txt 2>&1
+  echo "VERIFY \$(basename \$t) exit \$?"
+done
+cp /tmp/wh-$set/*/hopper/*.manifest.json $RES/ 2>/dev/null
+echo "BUILD-END after \$(( \$(date +%s) - start )) s"
+SH
+  mkdir -p $RES; setsid nohup bash /tmp/fi-build.sh > /tmp/fi-build.log 2>&1 < /dev/null &
+  echo "build of $set started (log /tmp/fi-build.log)" ;;
+e2e-new) # after build: vLLM end to end with an FP8 KV cache against the set just built, traced
+  grep -q "^BUILD exit 0" /tmp/fi-build.log 2>/dev/null || { echo "vllm-run: no built set yet: $(tail -1 /tmp/fi-build.log 2>/dev/null)" >&2; exit 2; }
+  whl=$(ls /tmp/wh-${2:-default}/*/hopper/flashinfer_python-*.whl) || exit 2
+  python3 -m pip install -q --no-index --no-deps --target /tmp/fi-new "$whl" || exit 6
+  FI_SITE=/tmp/fi-new E2E=0 E2E_FP8=${E2E_FP8:-1} FILES= bash "$0" sets ;;
 rest)    # after sets: what a partial file left, as one count with it. rest NAME XDIST DEADLINE_S
   name=${2:?name as in FILES} xdist=${3:?e.g. '-n 6'} cap=${4:?seconds}
   BLACKWHEEL_WORKDIR=/tmp/bw-work/fi-$name-rest FLASHINFER_DISABLE_JIT=1 timeout $((cap + 120)) python3 -m blackwheel.cli \
@@ -151,8 +181,8 @@ files)   # after start: each file in a lane of its own, all at once, S seconds e
   wait; echo "files: $# lanes ended after $((SECONDS - start)) s"
   for f in "$@"; do n=$(basename "$f" .py); echo "== $n"; grep -E "^\| total|PARTIAL|^failed in|^skipped in" $RES/again-$n.log | cut -c1-300; done ;;
 collect)
-  mkdir -p "$OUT"; cp $LOG $RES/ 2>/dev/null
+  mkdir -p "$OUT"; cp $LOG /tmp/fi-build.log $RES/ 2>/dev/null
   tar czf "$OUT/vllm-res.tgz" -C /tmp vllm-res && ls -la "$OUT" ;;
 *)
-  echo "usage: $0 pack | start | sets | follow | rest NAME XDIST S | collect | files S GLOB..." >&2; exit 2 ;;
+  echo "usage: $0 pack | start | sets | build [SET] | e2e-new [SET] | follow | rest NAME XDIST S | collect | files S GLOB..." >&2; exit 2 ;;
 esac
