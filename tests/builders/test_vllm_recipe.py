@@ -3,7 +3,8 @@
 Offline tests read the recipe only (under a second). Tests marked ``network`` fetch each pinned
 sdist through the package index into the blackwheel cache (37.7 MB and 47.1 MB, verified by
 sha256; later runs read the cache) and check the recipe against the sdist's own files, apply the
-patch series, and run the patched arch intersection in CMake script mode: about 20-30 s in all
+patch series, run the patched arch intersection in CMake script mode and the patched Python
+(setup.py's FA3 switch, FlashInfer's FP8 query quantization on CPU tensors): about 20-30 s in all
 with a warm cache.
 """
 
@@ -101,6 +102,13 @@ def test_stacks_pin_versions_this_recipe_knows():
 
 # ---- network: against the sdists ---------------------------------------------------------------
 BUILD_FILES = {"CMakeLists.txt", "cmake", "setup.py", "requirements", "pyproject.toml"}
+FLASHINFER_PY = "vllm/v1/attention/backends/flashinfer.py"
+
+
+def patched_files(version) -> set[str]:
+    """What the version's patch series changes beyond the build files (each patch's ``+++ b/`` paths)."""
+    return {m for p in version.patches for m in re.findall(r"^\+\+\+ b/(\S+)", p.file.read_text(), re.M)
+            if m.split("/")[0] not in BUILD_FILES}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +122,9 @@ def sdists(tmp_path_factory):
         archive = fetcher.fetch(v.sdist)
         dest = tmp_path_factory.mktemp(f"vllm-{v.version}")
         with tarfile.open(archive) as tar:
+            extra = patched_files(v)
             members = [m for m in tar.getmembers() if m.name.split("/")[1:2] and
-                       m.name.split("/")[1] in BUILD_FILES]
+                       (m.name.split("/")[1] in BUILD_FILES or m.name.split("/", 1)[1] in extra)]
             tar.extractall(dest, members=members, filter="data")
         out[v.version] = dest / f"vllm-{v.version}"
     return out
@@ -159,7 +168,8 @@ def patched(sdists, tmp_path_factory):
     for v in RECIPE.versions:
         tree = tmp_path_factory.mktemp(f"patched-{v.version}") / "src"
         shutil.copytree(sdists[v.version] / "cmake", tree / "cmake")
-        for name in ("CMakeLists.txt", "setup.py"):
+        for name in ("CMakeLists.txt", "setup.py", *patched_files(v)):
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(sdists[v.version] / name, tree / name)
         apply_series(v.patches, tree)          # raises PatchError naming patch, file and hunk
         out[v.version] = tree
@@ -227,6 +237,50 @@ def test_patched_setup_builds_fa3_only_with_sm90(patched, version, monkeypatch):
         assert scope["_arch_list_has_sm90"]() is want, target
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     assert scope["_arch_list_has_sm90"]() is True        # upstream's behaviour when unset
+
+
+def _maybe_quant_query(tree: Path, quant):
+    """FlashInferImpl.maybe_quant_query as ``tree``'s flashinfer.py defines it, with ``quant`` as
+    scaled_fp8_quant."""
+    import ast
+    from types import SimpleNamespace
+    import torch
+    cls = next(n for n in ast.parse((tree / FLASHINFER_PY).read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name == "FlashInferImpl")
+    func = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "maybe_quant_query")
+    scope: dict = {"torch": torch, "custom_ops": SimpleNamespace(scaled_fp8_quant=quant)}
+    exec(compile(ast.Module([func], []), FLASHINFER_PY, "exec"), scope)
+    return scope["maybe_quant_query"]
+
+
+@pytest.mark.network
+def test_patched_fp8_query_quant_takes_a_query_sliced_from_qkv(sdists, patched):
+    """Patch 0006 run as vLLM defines it: a query sliced from a fused QKV output (strided per token,
+    as eager hands it over) is quantized as its contiguous copy is; 0.25.1 as released refuses it, and
+    a query whose per-token block is not contiguous is still refused."""
+    torch = pytest.importorskip("torch")
+
+    def quant(x, scale):   # static scaled_fp8_quant: the kernel reads the row stride, checks stride(-1)
+        assert x.dim() == 2 and x.stride(-1) == 1
+        return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+    tokens, heads, kv_heads, head_size = 5, 8, 4, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=torch.Generator().manual_seed(0))
+    qkv = qkv.to(torch.bfloat16)
+    query = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)[0]
+    query = query.view(tokens, heads, head_size)
+    assert not query.is_contiguous()
+    scale = torch.tensor(0.5)
+    fixed = _maybe_quant_query(patched["0.25.1"], quant)
+    got = fixed(None, query, torch.float8_e4m3fn, scale)
+    want = (query.contiguous().float() / scale).to(torch.float8_e4m3fn)
+    assert got.shape == (tokens, heads, head_size)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(AssertionError):
+        _maybe_quant_query(sdists["0.25.1"], quant)(None, query, torch.float8_e4m3fn, scale)
+    scattered = torch.zeros(tokens, head_size, heads, dtype=torch.bfloat16).transpose(1, 2)
+    with pytest.raises(AssertionError):
+        fixed(None, scattered, torch.float8_e4m3fn, scale)
 
 
 @pytest.mark.slow
