@@ -219,7 +219,7 @@ def test_a_listed_test_that_no_longer_exists_is_named_as_vanished(upstream, tmp_
     left = [f"{file}::test_decode[float16-64]", f"{file}::test_plain_skip", f"{file}::test_fails", gone]
     both = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small",
                               pytest_args=["-k", "not fails"], rest_of={**first, "not_run_ids": left})
-    assert both["vanished_ids"] == [gone] and both["vanished"] == 1
+    assert both["vanished_ids"] == [gone]
     # the first run's counts, and one more passed and one more skipped: the real ids ran
     assert both["files"][file] == {"passed": 4, "failed": 1, "skipped": 2, "skipped_missing_module": 1,
                                    "deselected": 4}
@@ -259,7 +259,7 @@ def test_two_runs_at_once_in_one_work_folder_keep_their_own_files(upstream, tmp_
         small, whole = (r.result() for r in runs)
     assert small["files"]["tests/attention/test_decode_kernels.py"]["deselected"] == 4
     assert whole["files"]["tests/attention/test_decode_kernels.py"]["passed"] == 5
-    assert not list(work.glob("run-*"))     # each run's folder goes when it ends
+    assert not list(work.glob("run-*")) and not list(work.glob("sdist-*"))   # each run's folders go when it ends
 
 
 def test_a_deadline_of_zero_is_refused_in_one_line(capsys):

@@ -30,8 +30,9 @@ COLLECTED = pytest.StashKey[set]()         # every node id collected, before any
 
 def pytest_itemcollected(item):
     # seen here rather than in modifyitems: there coverage and -k have already dropped some, and
-    # a test they drop still exists
-    item.config.stash.setdefault(COLLECTED, set()).add(item.nodeid)
+    # a test they drop still exists. Only a --rest-of run needs them.
+    if os.environ.get(VANISHED_OUT_ENV):
+        item.config.stash.setdefault(COLLECTED, set()).add(item.nodeid)
 
 
 @pytest.hookimpl(trylast=True)

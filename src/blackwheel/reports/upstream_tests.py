@@ -151,18 +151,20 @@ def run_upstream_tests(recipe: Recipe, version: str, fetcher, work: Path, python
         if not only_ids:
             raise UsageError("--rest-of: that run left no test unrun")
         paths = sorted({i.split("::", 1)[0] for i in only_ids})
-    if rv.tests.source is None:
-        tree = safe_extract(fetcher.fetch(rv.sdist), work / "sdist")
-    else:
-        tree = fetcher.fetch(rv.tests.source)
     work.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    # the sdist is extracted per run: one tree shared by runs at once was rewritten (extracting merges)
+    # under a run copying its tests out of it, which then collected nothing
+    unpacked = Path(tempfile.mkdtemp(prefix="sdist-", dir=work)) if rv.tests.source is None else None
     try:
+        tree = safe_extract(fetcher.fetch(rv.sdist), unpacked) if unpacked else fetcher.fetch(rv.tests.source)
         result = _run_laid_out(recipe, rv, version, tree, run, python, kernel_set, pytest_args, paths,
                                deadline_s, only_ids)
         return result if rest_of is None else combine_runs(rest_of, result)
     finally:
         shutil.rmtree(run, ignore_errors=True)
+        if unpacked:
+            shutil.rmtree(unpacked, ignore_errors=True)
 
 
 def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pytest_args, paths,
@@ -204,7 +206,7 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
             "first_result_s": trace.get("first_result_s", {}),
             **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {}),
             **({"not_run_ids": not_run_ids} if not_run_ids else {}),
-            **({"vanished_ids": vanished_ids, "vanished": len(vanished_ids)} if vanished_ids else {})}
+            **({"vanished_ids": vanished_ids} if vanished_ids else {})}
 
 
 def _ids_in(path: Path) -> list[str]:
@@ -239,7 +241,7 @@ def combine_runs(first: Mapping, rest: Mapping) -> dict:
     out["runs"] = first.get("runs", 1) + 1
     vanished = sorted({*first.get("vanished_ids", []), *rest.get("vanished_ids", [])})
     if vanished:    # each run's list: a later run is given only what the one before left, so none twice
-        out["vanished_ids"], out["vanished"] = vanished, len(vanished)
+        out["vanished_ids"] = vanished
     out.pop("partial", None)
     out.pop("not_run_ids", None)
     if rest.get("partial"):
