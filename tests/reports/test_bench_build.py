@@ -12,6 +12,7 @@ import pytest
 from blackwheel import cli
 from blackwheel.reports import bench_build
 from blackwheel.reports.bench_build import cpu_sets, pick_units, render, touch_unit
+from blackwheel.toolchain import ninja as nj
 from blackwheel.core.errors import UsageError
 from tests import cuda_ext
 from tests.conftest import needs_nvcc_and_torch
@@ -65,6 +66,26 @@ def test_together_needs_cores(capsys):
     assert "--together needs --cores" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [["--split-compile", "1"], ["--split-compile", "2", "--ours-only"]])
+def test_split_compile_refuses_what_compares_nothing(args, capsys):
+    assert cli.main(["bench-build", "flash-attn", *args]) == 2
+    assert "--split-compile N compares ours with ours split" in capsys.readouterr().err
+
+
+def test_render_states_the_split_verdict():
+    run = {"wall_s": 100.0, "peak_mem_gib": 3.0, "jobs": "2", "nvcc_threads": "1", "cache": None}
+    verdict = {"flag": "-split-compile=2", "units": ["a.o", "b.o"], "wall_ratio": 1.05,
+               "longest_unit_s": {"plain": 80.0, "split": 60.0}, "longest_unit_ratio": 0.75, "keep": False}
+    result = {"package": "p", "version": "1", "target": "hopper", "cores_per_run": 4, "together": True,
+              "machine": {"cores": 16, "available_gib": 100.0}, "subset": ["a.o", "b.o", "c.o"],
+              "runs": {"upstream": None, "ours": run, "ours_split": {**run, "wall_s": 105.0}},
+              "split_compile": verdict, "ratio_ours_to_upstream": None, "limit_s": 80.0, "ours_over_limit": 1.25}
+    md = render(result)
+    assert "| blackwheel, `-split-compile=2` on 2 units | 105.0 |" in md
+    assert "wall **1.05**, longest unit **0.75** (80.0 s -> 60.0 s): not both dropped, so it is not kept" in md
+    assert "Upstream's command not run" in md
+
+
 @needs_nvcc_and_torch
 @pytest.mark.nvcc
 @pytest.mark.slow
@@ -91,3 +112,40 @@ def test_side_by_side_for_real(bw_env, monkeypatch, tmp_path):
     assert result["ratio_ours_to_upstream"] == pytest.approx(runs["ours"]["wall_s"] / runs["upstream"]["wall_s"],
                                                              abs=1e-3)
     assert "Ours / upstream" in (out / f"bench-build-{cuda_ext.NAME}-hopper.md").read_text()
+
+
+@needs_nvcc_and_torch
+@pytest.mark.nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs for two pinned runs")
+def test_split_compile_pair_for_real(bw_env, monkeypatch, tmp_path):
+    """Ours against ours with nvcc -split-compile=2 on the unit the profile calls long, at once."""
+    proj = cuda_ext.make_project(bw_env / "proj", sys.executable)
+    (proj.recipes / "profiles").mkdir()
+    (proj.recipes / "profiles" / f"{cuda_ext.NAME}-{cuda_ext.VERSION}.json").write_text(
+        json.dumps({"units": {"saxpy.o": 30.0, "elsewhere.o": 1.0}}))    # median 15.5: saxpy.o is long
+    for key, value in {"BLACKWHEEL_RECIPES": proj.recipes, "BLACKWHEEL_PATCHES": proj.patches,
+                       "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "out"
+    assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
+                     "--together", "--split-compile", "2", "--out", str(out)]) == 0
+    result = json.loads((out / f"bench-build-{cuda_ext.NAME}-hopper-split2.json").read_text())
+    runs = result["runs"]
+    assert runs["upstream"] is None and result["ratio_ours_to_upstream"] is None
+    assert runs["ours_split"]["nvcc_flags"] == {"saxpy.o": ["-split-compile=2"]} and "nvcc_flags" not in runs["ours"]
+    for label in ("ours", "ours_split"):    # each on its own CPU and its own cold store
+        assert runs[label]["cpus"] == 1 and runs[label]["unit_seconds"].get("saxpy.o", 0) > 0
+        assert runs[label]["cache"]["misses"] > 0 and runs[label]["cache"]["hits"] == 0
+    # what ninja ran for the unit: the split run's command has the flag, the plain one's has not
+    commands = {}
+    for build_ninja in (bw_env / "work" / "bench-build").glob("*/src/*/build/*/build.ninja"):
+        nf = nj.parse_ninja(build_ninja)
+        edge = next(e for e in nf.edges if any(nj.unit_key(o) == "saxpy.o" for o in e.outputs))
+        commands[build_ninja.relative_to(bw_env / "work" / "bench-build").parts[0]] = nj.edge_command(nf, edge)
+    assert "-split-compile=2" in commands["ours-split"] and "-split-compile" not in commands["ours"]
+    verdict = result["split_compile"]
+    assert verdict["units"] == ["saxpy.o"] and verdict["flag"] == "-split-compile=2"
+    assert verdict["wall_ratio"] == pytest.approx(runs["ours_split"]["wall_s"] / runs["ours"]["wall_s"], abs=1e-3)
+    assert verdict["keep"] == (verdict["wall_ratio"] < 1 and verdict["longest_unit_ratio"] < 1)
+    assert "`-split-compile=2` / plain" in (out / f"bench-build-{cuda_ext.NAME}-hopper-split2.md").read_text()

@@ -244,3 +244,56 @@ def test_subset_outputs_pick_named_units_and_refuse_unknown_ones(tmp_path):
     assert subset_outputs(tmp_path, "c.o,a.o") == ["/b/x/a.o", "/b/x/c.o"]
     with pytest.raises(UsageError, match="nope.o"):
         subset_outputs(tmp_path, "a.o,nope.o")
+
+
+def _nvcc_project(tmp_path: Path) -> Path:
+    """torch's shape: the compiler in a variable with a launcher in front, one rule for every unit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("nvcc", "launcher"):   # each records its argv, one file per output
+        (bin_dir / name).write_text(
+            '#!/bin/sh\nout=; prev=; for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done\n'
+            f'echo {name} "$@" >> "$out.{name}"\n' + ('exec "$@"\n' if name == "launcher" else 'touch "$out"\n'))
+        (bin_dir / name).chmod(0o755)
+    build = tmp_path / "b"
+    (build / "src").mkdir(parents=True)
+    for unit in ("long", "short", "api"):
+        (build / "src" / f"{unit}.cu").write_text("")
+    (build / "build.ninja").write_text(
+        f"nvcc = {bin_dir}/launcher {bin_dir}/nvcc\n"
+        "cuda_cflags = -O3 '-DPRICE=$$5'\n"  # $$: ninja's escape, kept through the rewrite
+        "rule cuda_compile\n  command = $nvcc -o $out $in $cuda_cflags\n"
+        "rule cc\n  command = touch $out\n"
+        "build long.cuda.o: cuda_compile src/long.cu\n"
+        "build short.cuda.o: cuda_compile src/short.cu\n"
+        "build api.o: cc src/api.cu\n")
+    return build
+
+
+def test_nvcc_flags_reach_only_the_named_units_through_the_shim(tmp_path):
+    build = _nvcc_project(tmp_path)
+    (tmp_path / "flags.json").write_text(json.dumps({"long.cuda.o": ["-split-compile=2"], "gone.o": ["-x"]}))
+    shim = nj.write_ninja_shim(tmp_path / "shim", str(VENV_NINJA))
+    env = dict(os.environ, PATH=f"{shim.parent}:{os.environ['PATH']}",
+               **{nj.SHIM_FLAGS_ENV: str(tmp_path / "flags.json"), nj.SHIM_LOGS_ENV: str(tmp_path / "logs")})
+    subprocess.run(["ninja", "-j", "1"], cwd=build, env=env, check=True, capture_output=True)
+    # what nvcc itself was given, behind the launcher (which saw the flag too: sccache keys on it)
+    assert (build / "long.cuda.o.nvcc").read_text().split() == [
+        "nvcc", "-split-compile=2", "-o", "long.cuda.o", "src/long.cu", "-O3", "-DPRICE=$5"]
+    assert "-split-compile=2" in (build / "long.cuda.o.launcher").read_text()
+    assert "-split-compile" not in (build / "short.cuda.o.nvcc").read_text()
+    assert (tmp_path / "logs" / nj.FLAGS_APPLIED).read_text() == "long.cuda.o\n"
+    nf = nj.parse_ninja(build / "build.ninja")   # our reader agrees with ninja on the rewritten file
+    for edge in nf.edges:
+        real = subprocess.run([str(VENV_NINJA), "-t", "commands", "-s", edge.outputs[0]], cwd=build,
+                              text=True, capture_output=True, check=True).stdout.strip()
+        assert nj.edge_command(nf, edge) == real
+
+
+def test_nvcc_flags_refuse_a_unit_nvcc_does_not_compile(tmp_path):
+    build = _nvcc_project(tmp_path)
+    before = (build / "build.ninja").read_text()
+    with pytest.raises(UsageError, match="api.o is not an nvcc compile"):
+        nj.add_nvcc_flags(build, {"long.cuda.o": ["-split-compile=2"], "api.o": ["-split-compile=2"]})
+    assert (build / "build.ninja").read_text() == before     # nothing half-written
+    assert nj.add_nvcc_flags(build, {}) == [] and (build / "build.ninja").read_text() == before

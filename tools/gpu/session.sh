@@ -14,6 +14,8 @@
 #   tools/gpu/session.sh wait    # follow until all of it ended (a call's worth of minutes at most)
 #   tools/gpu/session.sh collect # pack the results into $OUT
 #   tools/gpu/session.sh fi-gb10 # then, on its own: the FlashInfer `default` set for gb10, and a no-change rebuild
+#   tools/gpu/session.sh split   # 16-CPU kind: the same subset, ours plain and ours with -split-compile=2
+#                                #   on its long units, at once on 8 CPUs each (then `wait`, `collect`)
 set -u
 cd "$(dirname "$0")/../.."
 RES=$PWD/gpu-out            # everything lands here; packed into $OUT/gpu-results.tgz at the end
@@ -44,6 +46,22 @@ follow() {  # print progress until the build ends or $1 seconds pass
   return 1
 }
 
+fill_memory() {  # this VM's memory grows as it is used (KINDS.md): fill it once so that free-memory
+                 # job formulas, ours and upstream's, see the machine's real memory
+  nproc; free -g | head -2; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
+  python3 - <<'PY'
+import numpy as np, os, re
+total = lambda: int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) >> 20
+want = os.cpu_count() * 5                 # enough for all three builds' plans; these kinds have 8 per CPU
+if total() < want:
+    chunks = [np.ones(1 << 30, dtype=np.uint8) for _ in range(want)]
+    del chunks
+print(f"MemTotal {total()} GiB")
+PY
+  free -g | head -2
+  python3 -m blackwheel.cli doctor --json > "$RES/doctor-h200.json" 2>&1
+}
+
 case "${1:-}" in
 start)
   nproc; free -g | head -2; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
@@ -69,25 +87,19 @@ finish)
 repro)
   python3 -m blackwheel.cli repro-1969 --units 1 --out "${OUT:-$RES}" --name repro-1969-h100 ;;
 speed)
-  nproc; free -g | head -2; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
-  # this VM's memory grows as it is used (KINDS.md): fill it once so that free-memory job formulas,
-  # ours and upstream's, see the machine's real memory
-  python3 - <<'PY'
-import numpy as np, os, re
-total = lambda: int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) >> 20
-want = os.cpu_count() * 5                 # enough for all three builds' plans; these kinds have 8 per CPU
-if total() < want:
-    chunks = [np.ones(1 << 30, dtype=np.uint8) for _ in range(want)]
-    del chunks
-print(f"MemTotal {total()} GiB")
-PY
-  free -g | head -2
-  python3 -m blackwheel.cli doctor --json > "$RES/doctor-h200.json" 2>&1
+  fill_memory
   setsid nohup $PIN 0-15 python3 -m blackwheel.cli bench-build flash-attn --target hopper --units 8 \
       --cores 8 --together --touch --out "$RES/bench-build" > /tmp/bench-build.log 2>&1 < /dev/null &
   setsid nohup $PIN 16-31 bash tools/gpu/session.sh flashinfer > /tmp/fi.log 2>&1 < /dev/null &
   setsid nohup $PIN 24-31 nice -n 15 python3 -m blackwheel.cli repro-1969 --units 1 \
       --out "$RES/repro" --name repro-1969-h200 > /tmp/repro.log 2>&1 < /dev/null &
+  sleep 30; bash tools/gpu/session.sh wait "${2:-400}" ;;
+split)   # 16-CPU kind: nvcc -split-compile=2 on the subset's units longer than the profile's median,
+         # ours plain and ours split at once on 8 CPUs each (the rule: keep it only if the wall and the
+         # longest unit both drop); then `wait`, `collect`
+  fill_memory
+  setsid nohup python3 -m blackwheel.cli bench-build flash-attn --target hopper --units 8 --cores 8 \
+      --together --split-compile 2 --out "$RES/bench-build" > /tmp/bench-build.log 2>&1 < /dev/null &
   sleep 30; bash tools/gpu/session.sh wait "${2:-400}" ;;
 flashinfer)   # on CPUs 16-31 (inherited): build, install, GPU tests, bench, rebuild with nothing changed
   t0=$SECONDS
@@ -124,5 +136,5 @@ collect)
   cp /tmp/bench-build.log /tmp/fi.log /tmp/repro.log "$RES/" 2>/dev/null
   mkdir -p "$RES/logs"; cp build/logs/*.log build/bench-build/*/*.log "$RES/logs/" 2>/dev/null
   tar czf "$OUT/gpu-results.tgz" -C "$RES" . && ls -la "$OUT" ;;
-*) echo "usage: $0 start|finish|repro|speed|flashinfer|wait|collect"; exit 2 ;;
+*) echo "usage: $0 start|finish|repro|speed|split|flashinfer|fi-gb10|wait|collect"; exit 2 ;;
 esac

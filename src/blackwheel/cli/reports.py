@@ -152,6 +152,9 @@ def _bench_build_parser(sub) -> None:
     p.add_argument("--together", action="store_true", help="upstream and ours at once, on disjoint CPUs")
     p.add_argument("--touch", action="store_true", help="then rebuild ours with one unit changed (cache warm)")
     p.add_argument("--ours-only", action="store_true", help="no upstream run (FlashInfer: its AOT list is `all`)")
+    p.add_argument("--split-compile", type=int, default=0, metavar="N",
+                   help="instead of upstream: ours against ours with nvcc -split-compile=N on the units "
+                        "longer than the profile's median")
     p.add_argument("--kernels", help="FlashInfer: the AOT kernel set (recipe [kernel-sets])")
     p.add_argument("--out", type=Path, default=Path("docs/reports"))
     p.set_defaults(func=cmd_bench_build)
@@ -161,7 +164,8 @@ def cmd_bench_build(args) -> int:
     req = BuildRequest(load_recipe(args.package), load_stack(args.stack), target_of(args.target),
                        python=sys.executable, kernel_set=args.kernels, wheelhouse=settings(args).wheelhouse,
                        workdir=settings(args).workdir, fetcher=fetcher_of(args))
-    print(bench_build(req, args.out, args.units, args.cores, args.together, args.touch, args.ours_only))
+    print(bench_build(req, args.out, args.units, args.cores, args.together, args.touch, args.ours_only,
+                      args.split_compile))
     return 0
 
 

@@ -3,6 +3,7 @@
     blackwheel bench-build flash-attn --target hopper [--units N] [--cores C [--together]]
                                      [--touch] --out DIR
     blackwheel bench-build flashinfer --target gb10 --kernels core --ours-only --touch
+    blackwheel bench-build flash-attn --target hopper --units 8 --cores 8 --together --split-compile 2
 
 Both runs compile the same patched sources from separate extractions, cold:
 - **upstream**: the package's own defaults (flash-attn: ``MAX_JOBS`` from its setup.py formula,
@@ -20,6 +21,11 @@ with ``--together`` upstream and ours run at the same time on two disjoint sets 
 both see the same machine. A run pinned to part of the machine counts its own peak memory (the
 resident memory of the processes on its CPUs, ``progress.pinned_measure``), otherwise machine-wide. ``--ours-only`` skips upstream's command
 (FlashInfer's own AOT entry point builds its full list, hours, not a kernel set).
+
+``--split-compile N`` asks whether ``nvcc -split-compile=N`` on the long units shortens the bound: the
+pair is then ours and ours with that flag on each unit the recorded profile finds longer than its
+median (``units_to_split``), each with its own empty cache, and upstream is not run. The result says
+whether both the wall and the longest unit dropped (the rule for adopting it).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import replace
@@ -41,7 +48,8 @@ from ..toolchain.ccache import CacheConfig
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, atomic_write_text
 from ..toolchain.jobs import GIB, machine_resources
-from ..toolchain.ninja import SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile, read_ninja_log, unit_key, write_ninja_shim
+from ..toolchain.ninja import (FLAGS_APPLIED, SHIM_FLAGS_ENV, SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile,
+                               read_ninja_log, unit_key, write_ninja_shim)
 from ..toolchain.progress import run_logged
 
 UPSTREAM_UNSET = ("MAX_JOBS", "NVCC_THREADS", "PYTORCH_NVCC", "BLACKWHEEL_NINJA_TIMES")
@@ -73,6 +81,18 @@ def pick_units(profile: dict[str, float], n: int) -> list[str]:
         return ranked
     step = (len(ranked) - 1) / max(n - 1, 1)
     return [ranked[round(i * step)] for i in range(n)]
+
+
+def units_to_split(profile: dict[str, float], subset: list[str]) -> list[str]:
+    """The units of the profile longer than its median (of those in ``subset``, when there is one).
+
+    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3}, [])
+    ['a.o', 'b.o']
+    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3}, ["b.o", "c.o"])
+    ['b.o']
+    """
+    median = statistics.median(profile.values())
+    return sorted(u for u, s in profile.items() if s > median and (not subset or u in subset))
 
 
 def cpu_sets(available: list[int], cores: int, together: bool) -> tuple[frozenset[int], frozenset[int]]:
@@ -198,6 +218,11 @@ class Run:
         if missing:   # a subset run that stopped before its units: not a measurement
             raise SystemExit(f"{self.label}: units not compiled: {', '.join(missing)} "
                              f"({result.first_error}; log {result.log})")
+        flags = json.loads(Path(env[SHIM_FLAGS_ENV]).read_text()) if SHIM_FLAGS_ENV in env else {}
+        applied = work / "ninja-logs" / FLAGS_APPLIED
+        unflagged = sorted(set(flags) - set(applied.read_text().split() if applied.is_file() else []))
+        if unflagged:   # compiled as they were: the comparison would measure nothing
+            raise SystemExit(f"{self.label}: nvcc flags not given to {', '.join(unflagged)} (log {result.log})")
         self.tree = tree
         return {"wall_s": round(result.wall_s, 1), "peak_mem_gib": round(result.peak_mem_bytes / GIB, 2),
                 "units_compiled": len(times),
@@ -206,11 +231,13 @@ class Run:
                 "cpus": len(self.cpus) if self.cpus else machine_resources()[0],
                 # torch puts sccache before the host compiler unless told not to (upstream is told)
                 "host_compiles_cached": cache is not None and "TORCH_NO_COMPILER_WRAPPER" not in env,
-                "cache": stats, "log": str(result.log)}
+                "cache": stats, "log": str(result.log), **({"nvcc_flags": flags} if flags else {})}
 
 
-def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | None = None):
-    """Our build: jobs planned for the run's CPUs, sccache on ``cache_dir``, the longest-first stand-in."""
+def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | None = None,
+          nvcc_flags: dict[str, list[str]] | None = None):
+    """Our build: jobs planned for the run's CPUs, sccache on ``cache_dir``, the longest-first stand-in
+    (which also gives ``nvcc_flags``' units their flags)."""
     def prepare():   # called on the run's pinned thread: the planner sees its CPUs only
         prepared = prepare_tree(req, run.work / "src")
         if touch:
@@ -219,7 +246,11 @@ def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | 
         env = build_environment(req, toolchain, prepared, plan)
         env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan,
                                          CacheConfig(kind="local", directory=cache_dir), work=run.work)
-        return longest_first_env(req, env, run.work), cache
+        env = longest_first_env(req, env, run.work)
+        if nvcc_flags:
+            atomic_write_json(run.work / "nvcc-flags.json", nvcc_flags)
+            env[SHIM_FLAGS_ENV] = str(run.work / "nvcc-flags.json")
+        return env, cache
     return prepare
 
 
@@ -252,15 +283,24 @@ def _start(runs: list[tuple[Run, object]], together: bool) -> None:
 
 
 def side_by_side(req: BuildRequest, units: int, cores: int | None = None, together: bool = False,
-                 touch: bool = False, upstream: bool = True, save=lambda result: None) -> dict:
-    """The runs and their numbers; ``save(result)`` is also called before the touched rebuild."""
+                 touch: bool = False, upstream: bool = True, save=lambda result: None,
+                 split_compile: int = 0) -> dict:
+    """The runs and their numbers; ``save(result)`` is also called before the touched rebuild.
+    ``split_compile``: the pair is ours and ours with ``-split-compile`` on the long units."""
     toolchain = tc_mod.probe(req.python)
     tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
     recorded = profile_path(req.recipe, req.version.version)
     profile = json.loads(recorded.read_text())["units"] if recorded.is_file() else {}
-    if units and not profile:
-        raise UsageError(f"--units needs recorded unit times ({recorded}); run one full build first")
+    if (units or split_compile) and not profile:
+        raise UsageError(f"--units and --split-compile need recorded unit times ({recorded}); "
+                         f"run one full build first")
     subset = pick_units(profile, units) if units else []
+    split = ({u: [f"-split-compile={split_compile}"] for u in units_to_split(profile, subset)}
+             if split_compile else {})
+    if split_compile and not split:
+        raise UsageError(f"--split-compile: no unit of {'the subset' if subset else recorded} is longer "
+                         f"than the profile's median")
+    upstream = upstream and not split
     mine = sorted(os.sched_getaffinity(0))
     up_cpus, our_cpus = cpu_sets(mine, cores, together) if cores else (None, None)
     req.fetcher.fetch(req.version.sdist)   # once, before runs that extract it at the same time
@@ -268,12 +308,19 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     shutil.rmtree(root, ignore_errors=True)
     cache_dir = root / "sccache"
     theirs = Run("upstream", req, root / "upstream", up_cpus, subset)
+    split_run = Run("ours-split", req, root / "ours-split", up_cpus, subset)
     ours = Run("ours", req, root / "ours", our_cpus, subset)
-    # apart: upstream first, so any warmth of the machine (page cache) favours upstream
-    _start(([(theirs, _upstream(req, toolchain, theirs))] if upstream else [])
-           + [(ours, _ours(req, toolchain, ours, cache_dir))], together)
-    runs = {"upstream": theirs.result if upstream else None, "ours": ours.result}
+    # apart, the baseline first, so any warmth of the machine (page cache) favours it: upstream before
+    # ours, ours before ours split
+    baseline = [(theirs, _upstream(req, toolchain, theirs))] if upstream else []
+    baseline.append((ours, _ours(req, toolchain, ours, cache_dir)))
+    trial = [(split_run, _ours(req, toolchain, split_run, root / "sccache-split", nvcc_flags=split))] if split else []
+    _start(baseline + trial, together)
+    runs = {"upstream": theirs.result if upstream else None, "ours": ours.result,
+            **({"ours_split": split_run.result} if split else {})}
     result = _summary(req, runs, subset, cores, together, mine, our_cpus, upstream)
+    if split:
+        result["split_compile"] = split_verdict(ours.result, split_run.result, split_compile)
     if touch:
         save(result)
         touched_unit = unit_to_touch(ours.result["unit_seconds"], ours.tree)
@@ -285,6 +332,25 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
         result["touched_unit"] = touched_unit
         result["ratio_touched_to_cold"] = round(again.result["wall_s"] / ours.result["wall_s"], 3)
     return result
+
+
+def split_verdict(plain: dict, split: dict, n: int) -> dict:
+    """Keep ``-split-compile=n`` only if the wall and the longest unit both dropped.
+
+    >>> v = split_verdict({"wall_s": 100, "unit_seconds": {"a.o": 80, "x.so": 5}},
+    ...                   {"wall_s": 90, "unit_seconds": {"a.o": 60, "x.so": 5}, "nvcc_flags": {"a.o": []}}, 2)
+    >>> v["wall_ratio"], v["longest_unit_ratio"], v["keep"]
+    (0.9, 0.75, True)
+    """
+    def longest(run: dict) -> float:    # compile units, not the links
+        return max((t for u, t in run["unit_seconds"].items() if u.endswith(".o")), default=0.0)
+
+    a, b = longest(plain), longest(split)
+    return {"flag": f"-split-compile={n}", "units": sorted(split.get("nvcc_flags", {})),
+            "wall_ratio": round(split["wall_s"] / plain["wall_s"], 3),
+            "longest_unit_s": {"plain": a, "split": b},
+            "longest_unit_ratio": round(b / a, 3) if a else None,
+            "keep": split["wall_s"] < plain["wall_s"] and 0 < b < a}
 
 
 def _summary(req: BuildRequest, runs: dict, subset: list[str], cores: int | None, together: bool,
@@ -317,6 +383,10 @@ def render(result: dict) -> str:
             ] if up else []
     rows += [f"| blackwheel, cold | {ours['wall_s']} | {ours['peak_mem_gib']} | {ours['jobs']} | {ours['nvcc_threads']} "
             f"| {_cache_cell(ours.get('cache'))} |"]
+    split, verdict = runs.get("ours_split"), result.get("split_compile")
+    if split:
+        rows.append(f"| blackwheel, `{verdict['flag']}` on {len(verdict['units'])} units | {split['wall_s']} "
+                    f"| {split['peak_mem_gib']} | {split['jobs']} | {split['nvcc_threads']} | {_cache_cell(split.get('cache'))} |")
     touched = runs.get("ours_touched")
     if touched:
         rows.append(f"| blackwheel, `{result['touched_unit']}` touched | {touched['wall_s']} | {touched['peak_mem_gib']} "
@@ -332,6 +402,12 @@ def render(result: dict) -> str:
                f"ours took {result['ours_over_limit']}x that."]
     if touched:
         lines.append(f"One unit touched, cache warm / cold: **{result['ratio_touched_to_cold']}**.")
+    if verdict:
+        longest = verdict["longest_unit_s"]
+        lines += ["", f"`{verdict['flag']}` / plain: wall **{verdict['wall_ratio']}**, longest unit "
+                  f"**{verdict['longest_unit_ratio']}** ({longest['plain']} s -> {longest['split']} s): "
+                  + ("both dropped, so it may be kept" if verdict["keep"] else "not both dropped, so it is not kept")
+                  + f". Split: {', '.join(verdict['units'])}."]
     prof = result.get("profile")
     if prof:
         lines += ["", f"Profile of ours: {prof['units']} units, {prof['unit_seconds_sum']} s of unit time on "
@@ -350,19 +426,23 @@ def _cache_cell(stats: dict | None) -> str:
 
 
 def bench_build(req: BuildRequest, out: Path, units: int = 0, cores: int | None = None, together: bool = False,
-                touch: bool = False, ours_only: bool = False) -> str:
+                touch: bool = False, ours_only: bool = False, split_compile: int = 0) -> str:
     """Measure, keep ``out/bench-build-<package>-<target>[-<kernels>].{json,md}`` after each run
     (a later run's failure leaves the earlier ones), and return the Markdown."""
     if together and not cores:
         raise UsageError("--together needs --cores (each run's share of the CPUs)")
     if together and ours_only:
         raise UsageError("--together compares with upstream; it cannot go with --ours-only")
-    stem = f"bench-build-{req.recipe.name}-{req.target.name}" + (f"-{req.kernel_set}" if req.kernel_set else "")
+    if split_compile and (split_compile < 2 or ours_only):
+        raise UsageError("--split-compile N compares ours with ours split N ways: N >= 2, without --ours-only")
+    stem = (f"bench-build-{req.recipe.name}-{req.target.name}" + (f"-{req.kernel_set}" if req.kernel_set else "")
+            + (f"-split{split_compile}" if split_compile else ""))
 
     def save(result: dict) -> None:
         atomic_write_json(out / f"{stem}.json", result)
         atomic_write_text(out / f"{stem}.md", render(result))
 
-    result = side_by_side(req, units, cores, together, touch, upstream=not ours_only, save=save)
+    result = side_by_side(req, units, cores, together, touch, upstream=not ours_only, save=save,
+                          split_compile=split_compile)
     save(result)
     return render(result)

@@ -423,11 +423,54 @@ def order_longest_first(build_dir: Path, unit_seconds: dict[str, float]) -> int:
     return moved
 
 
+# ---- nvcc flags for some units (``nvcc -split-compile`` on the long ones) ---------------------
+_NVCC_WORD = re.compile(r"(?<!\S)(?:\S*/)?nvcc(?!\S)")   # the compiler word, after any launcher
+FLAGS_APPLIED = "nvcc-flags-applied.txt"    # in the shim's log folder: the units whose command got flags
+
+
+def add_nvcc_flags(build_dir: Path, unit_flags: dict[str, list[str]]) -> list[str]:
+    """Give the named units (``unit_key`` names) extra nvcc flags; return the units changed.
+
+    Each such build statement gets its own ``command`` binding: the rule's command evaluated for
+    that edge with the flags right after the ``nvcc`` word (build-level bindings come before the
+    rule's in ninja's scoping), so the other units and the rule stay as they were, and a launcher
+    in front (sccache, the memory gate) sees the flags and keys its cache on them. Units not in
+    this file are left to another build.ninja; a named unit whose command has no ``nvcc`` is an
+    error, not a silent drop.
+    """
+    if not unit_flags:
+        return []
+    path = Path(build_dir) / "build.ninja"
+    nf = parse_ninja(path)
+    by_output = {o: e for e in nf.edges for o in e.outputs}
+    lookup = lambda name: nf.variables.get(name, "")  # noqa: E731
+    blocks, changed = _blocks(path.read_text()), []
+    for k, block in enumerate(blocks):
+        if not block.startswith("build "):
+            continue
+        outputs = _parse_build(_logical_lines(block)[0][len("build "):], lookup).outputs
+        unit = next((unit_key(o) for o in outputs if unit_key(o) in unit_flags), None)
+        if unit is None:
+            continue
+        command = edge_command(nf, by_output[outputs[0]]).split(";rspfile=", 1)[0]
+        word = _NVCC_WORD.search(command)
+        if word is None or "\n" in command:
+            raise UsageError(f"build.ninja: {unit} is not an nvcc compile, so it cannot take "
+                             f"{' '.join(unit_flags[unit])}: {command[:120]}")
+        command = f"{command[:word.end()]} {shlex.join(unit_flags[unit])}{command[word.end():]}"
+        blocks[k] = block.rstrip("\n") + "\n  command = " + command.replace("$", "$$") + "\n"
+        changed.append(unit)
+    if changed:
+        atomic_write_text(path, "".join(blocks))
+    return changed
+
+
 # ---- the ninja shim: reorder right before the real ninja runs ----------------------------------
 SHIM_TIMES_ENV = "BLACKWHEEL_NINJA_TIMES"  # JSON {output or file name: seconds}
 SHIM_LOGS_ENV = "BLACKWHEEL_NINJA_LOG_DIR"  # where each run's .ninja_log is copied afterwards
 SHIM_REAL_ENV = "BLACKWHEEL_REAL_NINJA"
 SHIM_ONLY_ENV = "BLACKWHEEL_NINJA_ONLY"  # comma-separated unit names: build only these (bench_build)
+SHIM_FLAGS_ENV = "BLACKWHEEL_NINJA_NVCC_FLAGS"  # JSON file {unit name: [nvcc flags]} (add_nvcc_flags)
 
 
 def write_ninja_shim(shim_dir: Path, real_ninja: str) -> Path:
@@ -473,6 +516,18 @@ def _save_log(build_dir: Path, log_dir: str | None) -> None:
         shutil.copyfile(log, Path(log_dir) / f"{runs:03d}.ninja_log")
 
 
+def _flag_units(build_dir: Path, flags_json: str | None, log_dir: str | None) -> None:
+    """``add_nvcc_flags`` from the shim's JSON; the units changed are appended to the log folder's
+    ``FLAGS_APPLIED``, so a caller can check that every unit it named got its flags."""
+    if not flags_json:
+        return
+    changed = add_nvcc_flags(build_dir, json.loads(Path(flags_json).read_text()))
+    if changed and log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(log_dir) / FLAGS_APPLIED, "a") as f:
+            f.write("".join(f"{u}\n" for u in changed))
+
+
 def subset_outputs(build_dir: Path, only: str | None) -> list[str]:
     """The outputs of the named units (file names), in build.ninja's order; [] = build everything."""
     if not only:
@@ -493,6 +548,7 @@ def shim_main(args: list[str], environ: dict[str, str] | None = None) -> int:
     build_dir = _build_dir_of(args)
     if is_build and "-f" not in args and (build_dir / "build.ninja").is_file():
         order_longest_first(build_dir, _load_times(env.get(SHIM_TIMES_ENV)))
+        _flag_units(build_dir, env.get(SHIM_FLAGS_ENV), env.get(SHIM_LOGS_ENV))
         args = args + subset_outputs(build_dir, env.get(SHIM_ONLY_ENV))
     if is_build and env.get(JOBSERVER_ENV):
         args = without_jobs_flag(args)      # an explicit -j would leave the shared job budget
