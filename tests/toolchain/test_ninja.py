@@ -297,3 +297,26 @@ def test_nvcc_flags_refuse_a_unit_nvcc_does_not_compile(tmp_path):
         nj.add_nvcc_flags(build, {"long.cuda.o": ["-split-compile=2"], "api.o": ["-split-compile=2"]})
     assert (build / "build.ninja").read_text() == before     # nothing half-written
     assert nj.add_nvcc_flags(build, {}) == [] and (build / "build.ninja").read_text() == before
+
+
+@pytest.mark.nvcc
+def test_nvcc_flags_in_a_cmake_cuda_build(tmp_path):
+    """vLLM's shape: CMake's CUDA rule, with a compiler launcher in front (sccache there)."""
+    cmake, nvcc = shutil.which("cmake"), Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if cmake is None or not nvcc.is_file():
+        pytest.skip("needs cmake and nvcc")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("long", "short"):
+        (src / f"{name}.cu").write_text(f"__global__ void {name}_kernel(float* x) {{ x[0] = 1.f; }}\n")
+    (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.18)\nproject(demo CUDA)\n"
+                                        "add_library(k SHARED long.cu short.cu)\n")
+    build = tmp_path / "build"
+    subprocess.run([cmake, "-S", str(src), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={VENV_NINJA}",
+                    f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=90",
+                    "-DCMAKE_CUDA_COMPILER_LAUNCHER=env"], check=True, capture_output=True)
+    assert nj.add_nvcc_flags(build, {"long.cu.o": ["-split-compile=2"]}) == ["long.cu.o"]
+    ran = subprocess.run([str(VENV_NINJA), "-j1", "-v"], cwd=build, check=True, capture_output=True,
+                         text=True).stdout
+    line = {name: next(x for x in ran.splitlines() if f"/{name}.cu.o " in x) for name in ("long", "short")}
+    assert f"env {nvcc} -split-compile=2 " in line["long"] and "-split-compile" not in line["short"]
