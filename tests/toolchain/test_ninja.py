@@ -290,13 +290,19 @@ def test_nvcc_flags_reach_only_the_named_units_through_the_shim(tmp_path):
         assert nj.edge_command(nf, edge) == real
 
 
-def test_nvcc_flags_refuse_a_unit_nvcc_does_not_compile(tmp_path):
+def test_nvcc_flags_refuse_a_unit_nvcc_does_not_compile_and_are_given_once(tmp_path):
     build = _nvcc_project(tmp_path)
     before = (build / "build.ninja").read_text()
     with pytest.raises(UsageError, match="api.o is not an nvcc compile"):
         nj.add_nvcc_flags(build, {"long.cuda.o": ["-split-compile=2"], "api.o": ["-split-compile=2"]})
     assert (build / "build.ninja").read_text() == before     # nothing half-written
     assert nj.add_nvcc_flags(build, {}) == [] and (build / "build.ninja").read_text() == before
+    assert nj.add_nvcc_flags(build, {"long.cuda.o": ["-split-compile=2"]}) == ["long.cuda.o"]
+    once = (build / "build.ninja").read_text()
+    assert once != before and once.count("-split-compile=2") == 1
+    # ninja run again on the same file (CMake builds run it once a target): the flag is not doubled
+    assert nj.add_nvcc_flags(build, {"long.cuda.o": ["-split-compile=2"]}) == ["long.cuda.o"]
+    assert (build / "build.ninja").read_text() == once
 
 
 @pytest.mark.nvcc

@@ -429,14 +429,14 @@ FLAGS_APPLIED = "nvcc-flags-applied.txt"    # in the shim's log folder: the unit
 
 
 def add_nvcc_flags(build_dir: Path, unit_flags: dict[str, list[str]]) -> list[str]:
-    """Give the named units (``unit_key`` names) extra nvcc flags; return the units changed.
+    """Give the named units (``unit_key`` names) extra nvcc flags; return the units that have them.
 
     Each such build statement gets its own ``command`` binding: the rule's command evaluated for
     that edge with the flags right after the ``nvcc`` word (build-level bindings come before the
     rule's in ninja's scoping), so the other units and the rule stay as they were, and a launcher
-    in front (sccache, the memory gate) sees the flags and keys its cache on them. Units not in
-    this file are left to another build.ninja; a named unit whose command has no ``nvcc`` is an
-    error, not a silent drop.
+    in front (sccache, the memory gate) sees the flags and keys its cache on them. A second call
+    changes nothing. Units not in this file are left to another build.ninja; a named unit whose
+    command has no ``nvcc`` is an error, not a silent drop.
     """
     if not unit_flags:
         return []
@@ -444,7 +444,7 @@ def add_nvcc_flags(build_dir: Path, unit_flags: dict[str, list[str]]) -> list[st
     nf = parse_ninja(path)
     by_output = {o: e for e in nf.edges for o in e.outputs}
     lookup = lambda name: nf.variables.get(name, "")  # noqa: E731
-    blocks, changed = _blocks(path.read_text()), []
+    blocks, changed, rewritten = _blocks(path.read_text()), [], False
     for k, block in enumerate(blocks):
         if not block.startswith("build "):
             continue
@@ -457,10 +457,14 @@ def add_nvcc_flags(build_dir: Path, unit_flags: dict[str, list[str]]) -> list[st
         if word is None or "\n" in command:
             raise UsageError(f"build.ninja: {unit} is not an nvcc compile, so it cannot take "
                              f"{' '.join(unit_flags[unit])}: {command[:120]}")
-        command = f"{command[:word.end()]} {shlex.join(unit_flags[unit])}{command[word.end():]}"
-        blocks[k] = block.rstrip("\n") + "\n  command = " + command.replace("$", "$$") + "\n"
         changed.append(unit)
-    if changed:
+        flags = " " + shlex.join(unit_flags[unit])
+        if command.startswith(flags, word.end()):
+            continue    # given before: CMake builds run ninja once a target on the same file
+        command = command[:word.end()] + flags + command[word.end():]
+        blocks[k] = block.rstrip("\n") + "\n  command = " + command.replace("$", "$$") + "\n"
+        rewritten = True
+    if rewritten:
         atomic_write_text(path, "".join(blocks))
     return changed
 
