@@ -26,9 +26,10 @@ ninja_required_version = 1.3
 root = /opt/some$ dir
 cflags = -O2 -DNAME=\\"x\\" -I$root/include
 long = {long}
+sp =   :   
 
 rule cc
-  command = echo $out >> order && true $cflags $extra ${{long}} -c $in -o $out && touch $out
+  command = echo $out >> order && ${{pre}}true $cflags $extra ${{long}} -c $in -o $out && ${{sp}}touch $out
   description = CC $out
 
 rule link
@@ -36,6 +37,7 @@ rule link
 
 build a.o: cc src/a.cc | hdr.h || order_dep
   extra = -DEDGE=1
+  pre = true 
 build b$ c.o: cc src/b$ c.cc
 build lib.so: link a.o b$ c.o
 default lib.so
@@ -322,7 +324,8 @@ def test_nvcc_flags_in_a_cmake_cuda_build(tmp_path):
                     f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=90",
                     "-DCMAKE_CUDA_COMPILER_LAUNCHER=env"], check=True, capture_output=True)
     assert nj.add_nvcc_flags(build, {"long.cu.o": ["-split-compile=2"]}) == ["long.cu.o"]
-    ran = subprocess.run([str(VENV_NINJA), "-j1", "-v"], cwd=build, check=True, capture_output=True,
-                         text=True).stdout
+    ran = subprocess.run([str(VENV_NINJA), "-j1", "-v"], cwd=build, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    ran = ran.stdout
     line = {name: next(x for x in ran.splitlines() if f"/{name}.cu.o " in x) for name in ("long", "short")}
     assert f"env {nvcc} -split-compile=2 " in line["long"] and "-split-compile" not in line["short"]

@@ -241,9 +241,11 @@ def _parse_into(nf: NinjaFile, path: Path, root: Path) -> None:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
+        # a value keeps its trailing spaces, as in ninja (CMake writes ``LAUNCHER = sccache `` to go
+        # before the compiler's path); only leading ones go
         if line[0] in " \t" and current is not None:
-            key, _, value = stripped.partition("=")
-            current[key.strip()] = value.strip()
+            key, _, value = line.lstrip().partition("=")
+            current[key.strip()] = value.lstrip()
             continue
         word, _, rest = stripped.partition(" ")
         current = None
@@ -257,8 +259,8 @@ def _parse_into(nf: NinjaFile, path: Path, root: Path) -> None:
         elif word in ("default", "pool"):
             current = {} if word == "pool" else None
         elif "=" in stripped:
-            key, _, value = stripped.partition("=")
-            nf.variables[key.strip()] = _evaluate(value.strip(), file_lookup)
+            key, _, value = line.lstrip().partition("=")
+            nf.variables[key.strip()] = _evaluate(value.lstrip(), file_lookup)
 
 
 def _shell_escape(path: str) -> str:
