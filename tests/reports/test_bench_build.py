@@ -86,15 +86,19 @@ def test_render_states_the_split_verdict():
     assert "Upstream's command not run" in md
 
 
+def _use_project(proj, monkeypatch) -> None:
+    """blackwheel reads the generated extension's recipes, patches and mirror, offline."""
+    for key, value in {"BLACKWHEEL_RECIPES": proj.recipes, "BLACKWHEEL_PATCHES": proj.patches,
+                       "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, str(value))
+
+
 @needs_nvcc_and_torch
 @pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs for two pinned runs")
 def test_side_by_side_for_real(bw_env, monkeypatch, tmp_path):
-    proj = cuda_ext.make_project(bw_env / "proj", sys.executable)
-    for key, value in {"BLACKWHEEL_RECIPES": proj.recipes, "BLACKWHEEL_PATCHES": proj.patches,
-                       "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
-        monkeypatch.setenv(key, str(value))
+    _use_project(cuda_ext.make_project(bw_env / "proj", sys.executable), monkeypatch)
     out = tmp_path / "out"
     assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
                              "--together", "--touch", "--out", str(out)]) == 0
@@ -124,9 +128,7 @@ def test_split_compile_pair_for_real(bw_env, monkeypatch, tmp_path):
     (proj.recipes / "profiles").mkdir()
     (proj.recipes / "profiles" / f"{cuda_ext.NAME}-{cuda_ext.VERSION}.json").write_text(
         json.dumps({"units": {"saxpy.o": 30.0, "elsewhere.o": 1.0}}))    # median 15.5: saxpy.o is long
-    for key, value in {"BLACKWHEEL_RECIPES": proj.recipes, "BLACKWHEEL_PATCHES": proj.patches,
-                       "BLACKWHEEL_MIRROR": proj.mirror, "BLACKWHEEL_OFFLINE": "1"}.items():
-        monkeypatch.setenv(key, str(value))
+    _use_project(proj, monkeypatch)
     out = tmp_path / "out"
     assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
                      "--together", "--split-compile", "2", "--out", str(out)]) == 0
