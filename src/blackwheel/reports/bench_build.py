@@ -176,10 +176,11 @@ class Run:
     """One build of the benchmark: its tree, environment, CPUs; ``go`` runs it and keeps the numbers."""
 
     def __init__(self, label: str, req: BuildRequest, work: Path, cpus: frozenset[int] | None,
-                 units: list[str]):
+                 units: list[str], nvcc_flags: dict[str, list[str]] | None = None):
         # FlashInfer keeps its module folder under the request's workdir: one per run folder
         req = replace(req, workdir=work)
         self.label, self.req, self.work, self.cpus, self.units = label, req, work, cpus, units
+        self.nvcc_flags = nvcc_flags or {}    # {unit: flags} the ninja stand-in gives those units
         self.result: dict | None = None
         self.error: BaseException | None = None
         self.tree: Path | None = None
@@ -218,7 +219,7 @@ class Run:
         if missing:   # a subset run that stopped before its units: not a measurement
             raise SystemExit(f"{self.label}: units not compiled: {', '.join(missing)} "
                              f"({result.first_error}; log {result.log})")
-        flags = json.loads(Path(env[SHIM_FLAGS_ENV]).read_text()) if SHIM_FLAGS_ENV in env else {}
+        flags = self.nvcc_flags
         applied = work / "ninja-logs" / FLAGS_APPLIED
         unflagged = sorted(set(flags) - set(applied.read_text().split() if applied.is_file() else []))
         if unflagged:   # compiled as they were: the comparison would measure nothing
@@ -234,10 +235,9 @@ class Run:
                 "cache": stats, "log": str(result.log), **({"nvcc_flags": flags} if flags else {})}
 
 
-def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | None = None,
-          nvcc_flags: dict[str, list[str]] | None = None):
+def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | None = None):
     """Our build: jobs planned for the run's CPUs, sccache on ``cache_dir``, the longest-first stand-in
-    (which also gives ``nvcc_flags``' units their flags)."""
+    (which also gives the run's ``nvcc_flags`` units their flags)."""
     def prepare():   # called on the run's pinned thread: the planner sees its CPUs only
         prepared = prepare_tree(req, run.work / "src")
         if touch:
@@ -247,8 +247,8 @@ def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | 
         env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan,
                                          CacheConfig(kind="local", directory=cache_dir), work=run.work)
         env = longest_first_env(req, env, run.work)
-        if nvcc_flags:
-            atomic_write_json(run.work / "nvcc-flags.json", nvcc_flags)
+        if run.nvcc_flags:
+            atomic_write_json(run.work / "nvcc-flags.json", run.nvcc_flags)
             env[SHIM_FLAGS_ENV] = str(run.work / "nvcc-flags.json")
         return env, cache
     return prepare
@@ -308,13 +308,13 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     shutil.rmtree(root, ignore_errors=True)
     cache_dir = root / "sccache"
     theirs = Run("upstream", req, root / "upstream", up_cpus, subset)
-    split_run = Run("ours-split", req, root / "ours-split", up_cpus, subset)
+    split_run = Run("ours-split", req, root / "ours-split", up_cpus, subset, nvcc_flags=split)
     ours = Run("ours", req, root / "ours", our_cpus, subset)
     # apart, the baseline first, so any warmth of the machine (page cache) favours it: upstream before
     # ours, ours before ours split
     baseline = [(theirs, _upstream(req, toolchain, theirs))] if upstream else []
     baseline.append((ours, _ours(req, toolchain, ours, cache_dir)))
-    trial = [(split_run, _ours(req, toolchain, split_run, root / "sccache-split", nvcc_flags=split))] if split else []
+    trial = [(split_run, _ours(req, toolchain, split_run, root / "sccache-split"))] if split else []
     _start(baseline + trial, together)
     runs = {"upstream": theirs.result if upstream else None, "ours": ours.result,
             **({"ours_split": split_run.result} if split else {})}
