@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import grimp
@@ -70,3 +73,31 @@ def test_every_blackwheel_variable_is_in_the_settings_table_and_the_readme():
     listed = {v.name for v in ENV_VARS}
     assert sorted(used - listed) == []
     assert env_table() in (ROOT / "README.md").read_text()
+
+
+# Import names of what pyproject.toml lists beyond the core dependencies (optional and test extras),
+# and of what a build Python brings (torch, numpy): none may be needed to start a command.
+NOT_CORE = {"pytest", "_pytest", "matplotlib", "twine", "hypothesis", "pypiserver", "passlib", "build",
+            "cyclonedx", "jsonschema", "tvm_ffi", "pynvml", "importlinter", "grimp", "psutil", "einops",
+            "torch", "numpy", "setuptools", "wheel", "keyring"}
+
+
+def test_every_command_starts_with_only_the_core_dependencies():
+    """`pip install blackwheel` gives packaging, pyelftools and rich: every command's module must import
+    with those alone (``doctor`` once failed for want of pytest, through the deadline plugin's names)."""
+    script = (
+        "import importlib.abc, sys\n"
+        f"NOT_CORE = {sorted(NOT_CORE)!r}\n"
+        "class Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in NOT_CORE:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "from blackwheel.cli import LISTED, make_parser\n"
+        "for command in LISTED:\n"
+        "    make_parser(command)\n"
+        "print(len(LISTED))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) >= 19

@@ -20,11 +20,8 @@ from pathlib import Path
 
 import pytest
 
-DEADLINE_ENV = "BLACKWHEEL_TEST_DEADLINE"   # seconds since the epoch
-DEADLINE_REASON = "blackwheel: not run, the run's deadline had passed"
-NOT_RUN_OUT_ENV = "BLACKWHEEL_NOT_RUN_OUT"  # file: the node ids skipped for the deadline
-ONLY_IDS_ENV = "BLACKWHEEL_ONLY_IDS"        # file: run only these node ids
-VANISHED_OUT_ENV = "BLACKWHEEL_VANISHED_OUT"  # file: the listed node ids that collection no longer has
+from .upstream_env import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, VANISHED_OUT_ENV
+
 COLLECTED = pytest.StashKey[set]()         # every node id collected, before any plugin deselects
 
 

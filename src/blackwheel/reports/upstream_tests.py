@@ -29,7 +29,7 @@ from ..core.errors import UsageError
 from ..core.recipe import Recipe
 from ..sources.fetch import safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
-from .upstream_deadline import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, VANISHED_OUT_ENV
+from .upstream_env import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, VANISHED_OUT_ENV
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
