@@ -103,6 +103,7 @@ def test_side_by_side_for_real(bw_env, monkeypatch, tmp_path):
     assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
                              "--together", "--touch", "--out", str(out)]) == 0
     result = json.loads((out / f"bench-build-{cuda_ext.NAME}-hopper.json").read_text())
+    assert result["cores_per_run"] == 1   # what was asked, not the machine's CPUs
     runs = result["runs"]
     for label in ("upstream", "ours", "ours_touched"):
         assert runs[label]["wall_s"] > 0 and runs[label]["cpus"] == 1
@@ -133,6 +134,7 @@ def test_split_compile_pair_for_real(bw_env, monkeypatch, tmp_path):
     assert cli.main(["bench-build", cuda_ext.NAME, "--target", "hopper", "--stack", "test", "--cores", "1",
                      "--together", "--split-compile", "2", "--out", str(out)]) == 0
     result = json.loads((out / f"bench-build-{cuda_ext.NAME}-hopper-split2.json").read_text())
+    assert result["cores_per_run"] == 1   # what was asked, not the machine's CPUs
     runs = result["runs"]
     assert runs["upstream"] is None and result["ratio_ours_to_upstream"] is None
     assert runs["ours_split"]["nvcc_flags"] == {"saxpy.o": ["-split-compile=2"]} and "nvcc_flags" not in runs["ours"]

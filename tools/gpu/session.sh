@@ -127,7 +127,7 @@ fi-gb10)   # FlashInfer `default` set for gb10 (compiled only: no 12.1 GPU here)
 wait)
   until=$((SECONDS + ${2:-540}))
   while [ $SECONDS -lt $until ]; do
-    pgrep -f "bench_build|session.sh flashinfer|repro-1969" >/dev/null || { echo "all ended"; break; }
+    pgrep -f "bench-build|session.sh flashinfer|repro-1969" >/dev/null || { echo "all ended"; break; }
     sleep 30; echo "--- $((SECONDS / 60)) min"; for f in /tmp/bench-build.log /tmp/fi.log /tmp/repro.log; do
       grep -E "units|modules|FI-|built|reused|error|Error" $f 2>/dev/null | tail -1; done
   done

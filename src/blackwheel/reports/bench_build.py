@@ -355,8 +355,8 @@ def split_verdict(plain: dict, split: dict, n: int) -> dict:
 
 def _summary(req: BuildRequest, runs: dict, subset: list[str], cores: int | None, together: bool,
              mine: list[int], our_cpus, upstream: bool) -> dict:
-    cores, avail = machine_resources()
-    cores_used = len(our_cpus) if our_cpus else cores
+    machine_cores, avail = machine_resources()
+    cores_used = len(our_cpus) if our_cpus else machine_cores
     ours = runs["ours"]
     prof = build_profile(ours["unit_seconds"], ours["wall_s"], cores_used, int(ours["peak_mem_gib"] * GIB),
                          ours["cache"])
