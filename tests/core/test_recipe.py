@@ -130,6 +130,26 @@ def test_load_minimal_recipe(tree):
         r.version("2.0")
 
 
+def test_split_compile_threads(tree):
+    write_recipe(tree, "pkg", recipe_toml())
+    assert load_recipe("pkg").split_compile == 0      # absent: never split
+    write_recipe(tree, "pkg", recipe_toml(tail="[split-compile]\nthreads = 2\n"))
+    assert load_recipe("pkg").split_compile == 2
+
+
+@pytest.mark.parametrize("table, match", [
+    ("threads = 1", "threads must be a whole number >= 2, got 1"),
+    ("threads = true", "got True"),
+    ('threads = "2"', "got '2'"),
+    ("", "got None"),
+    ("threads = 2\nunits = 3", r"unknown keys \['units'\]"),
+])
+def test_split_compile_errors(tree, table, match):
+    write_recipe(tree, "pkg", recipe_toml(tail=f"[split-compile]\n{table}\n"))
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("pkg")
+
+
 def test_unknown_package_names_the_known_ones(tree):
     write_recipe(tree, "alpha", recipe_toml("alpha"))
     write_recipe(tree, "beta", recipe_toml("beta"))

@@ -68,6 +68,25 @@ def test_blackwell_build_end_to_end_then_reuse(project, bw_env, capsys):
     _publish_and_install(wheel, bw_env)
 
 
+def test_split_compile_where_the_longest_unit_bounds_the_build(project, bw_env, monkeypatch):
+    """The recipe's [split-compile] reaches the long unit's nvcc when the profile says the build is
+    bound by it on this machine's CPUs, and the manifest and the build key say so."""
+    with open(project.recipes / f"{cuda_ext.NAME}.toml", "a") as f:
+        f.write("\n[split-compile]\nthreads = 2\n")
+    (project.recipes / "profiles").mkdir()
+    # 32 s of units, saxpy.o 30 of them: on 2 CPUs (16 s each) saxpy.o is the bound
+    (project.recipes / "profiles" / f"{cuda_ext.NAME}-{cuda_ext.VERSION}.json").write_text(
+        json.dumps({"units": {"saxpy.o": 30.0, "x.o": 1.0, "y.o": 1.0}}))
+    monkeypatch.setattr(build, "machine_resources", lambda: (2, 8 << 30))
+    assert cli.main(["build", cuda_ext.NAME, "--target", "hopper", "--stack", "test"]) == 0
+    wheel = next(w for w in _wheelhouse(bw_env, "hopper") if w.suffix == ".whl")
+    manifest = json.loads((wheel.parent / (wheel.name + ".manifest.json")).read_text())
+    assert manifest["inputs"]["nvcc_flags"] == {"saxpy.o": ["-split-compile=2"]}
+    assert manifest["build"]["nvcc_flags"] == {"saxpy.o": ["-split-compile=2"]}
+    assert "-split-compile=2" in Path(manifest["build"]["log"]).read_text()   # the unit's nvcc had it
+    assert manifest["verify"]["ok"] is True
+
+
 def _publish_and_install(wheel: Path, where: Path) -> None:
     """The pipeline's wheel through a real pypiserver into a fresh venv, and imported there."""
     import subprocess

@@ -61,6 +61,18 @@ def test_render_states_ratios_limit_and_profile():
     assert "cache warm / cold: **0.12**" in md and "| a.o | 90.0 |" in md
 
 
+def test_render_says_when_ours_split_its_long_units():
+    run = {"wall_s": 100.0, "peak_mem_gib": 3.0, "jobs": "8", "nvcc_threads": "1", "cache": None}
+    result = {"package": "p", "version": "1", "target": "hopper", "cores_per_run": 8, "together": True,
+              "machine": {"cores": 16, "available_gib": 100.0}, "subset": ["a.o", "b.o"],
+              "runs": {"upstream": {**run, "wall_s": 200.0},
+                       "ours": {**run, "nvcc_flags": {"a.o": ["-split-compile=2"], "b.o": ["-split-compile=2"]}}},
+              "ratio_ours_to_upstream": 0.5, "limit_s": 90.0, "ours_over_limit": 1.111}
+    assert "| blackwheel, cold (`-split-compile=2` on 2 units) | 100.0 |" in render(result)
+    del result["runs"]["ours"]["nvcc_flags"]
+    assert "| blackwheel, cold | 100.0 |" in render(result)
+
+
 def test_together_needs_cores(capsys):
     assert cli.main(["bench-build", "flash-attn", "--together"]) == 2
     assert "--together needs --cores" in capsys.readouterr().err

@@ -16,6 +16,7 @@
 #   tools/gpu/session.sh fi-gb10 # then, on its own: the FlashInfer `default` set for gb10, and a no-change rebuild
 #   tools/gpu/session.sh split   # 16-CPU kind: the same subset, ours plain and ours with -split-compile=2
 #                                #   on its long units, at once on 8 CPUs each (then `wait`, `collect`)
+#   tools/gpu/session.sh pair    # 16-CPU kind: the subset, upstream against ours (its long units split)
 set -u
 cd "$(dirname "$0")/../.."
 RES=$PWD/gpu-out            # everything lands here; packed into $OUT/gpu-results.tgz at the end
@@ -101,6 +102,12 @@ split)   # 16-CPU kind: nvcc -split-compile=2 on the subset's units longer than 
   setsid nohup python3 -m blackwheel.cli bench-build flash-attn --target hopper --units 8 --cores 8 \
       --together --split-compile 2 --out "$RES/bench-build" > /tmp/bench-build.log 2>&1 < /dev/null &
   sleep 30; bash tools/gpu/session.sh wait "${2:-400}" ;;
+pair)    # 16-CPU kind: the subset again, upstream's command against ours, at once on 8 CPUs each; ours
+         # now splits its long units where they bound the run (recipe [split-compile]); then `wait`, `collect`
+  fill_memory
+  setsid nohup python3 -m blackwheel.cli bench-build flash-attn --target hopper --units 8 --cores 8 \
+      --together --out "$RES/bench-build" > /tmp/bench-build.log 2>&1 < /dev/null &
+  sleep 30; bash tools/gpu/session.sh wait "${2:-400}" ;;
 flashinfer)   # on CPUs 16-31 (inherited): build, install, GPU tests, bench, rebuild with nothing changed
   t0=$SECONDS
   python3 -m blackwheel.cli build flashinfer --target hopper --kernels default || { echo "FI-BUILD-FAILED"; exit 6; }
@@ -136,5 +143,5 @@ collect)
   cp /tmp/bench-build.log /tmp/fi.log /tmp/repro.log "$RES/" 2>/dev/null
   mkdir -p "$RES/logs"; cp build/logs/*.log build/bench-build/*/*.log "$RES/logs/" 2>/dev/null
   tar czf "$OUT/gpu-results.tgz" -C "$RES" . && ls -la "$OUT" ;;
-*) echo "usage: $0 start|finish|repro|speed|split|flashinfer|fi-gb10|wait|collect"; exit 2 ;;
+*) echo "usage: $0 start|finish|repro|speed|split|pair|flashinfer|fi-gb10|wait|collect"; exit 2 ;;
 esac

@@ -207,6 +207,8 @@ class Recipe:
     depends: tuple[str, ...] = ()
     jobs_style: str = "torch-ext"     # how MAX_JOBS is read: "torch-ext" or "vllm" (divided by NVCC_THREADS)
     build_requires: tuple[str, ...] = ()
+    # [split-compile] threads: nvcc -split-compile=N on the long units, when they bound the build (0: never)
+    split_compile: int = 0
     # the recipe file as read, once: the tables only its builder reads ([aot], [kernel-sets], ...)
     data: Mapping = field(default_factory=dict, hash=False, compare=False)
 
@@ -328,6 +330,19 @@ def _tests_from_toml(d: dict | None, recipe_name: str, where: str) -> UpstreamTe
     return UpstreamTests(paths, source, env, trace)
 
 
+def _split_compile_from_toml(d: dict | None, where: str) -> int:
+    """``[split-compile] threads = N``: N nvcc threads for each long unit (``nvcc -split-compile=N``)."""
+    if d is None:
+        return 0
+    d = dict(d)
+    threads = d.pop("threads", None)
+    if d:
+        raise RecipeError(f"{where}: [split-compile] has unknown keys {sorted(d)} (threads)")
+    if type(threads) is not int or threads < 2:
+        raise RecipeError(f"{where}: [split-compile] threads must be a whole number >= 2, got {threads!r}")
+    return threads
+
+
 def load_recipe(name: str) -> Recipe:
     path = recipes_dir() / f"{name}.toml"
     if not path.is_file():
@@ -348,6 +363,7 @@ def load_recipe(name: str) -> Recipe:
             expect=data.get("expect", {}), path=path, depends=tuple(pkg.get("depends", ())),
             jobs_style=pkg.get("jobs-style", "torch-ext"),
             build_requires=tuple(pkg.get("build-requires", ())),
+            split_compile=_split_compile_from_toml(data.get("split-compile"), where),
             data=MappingProxyType(data),
         )
     except KeyError as exc:

@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,14 +25,14 @@ import tomllib
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from packaging.requirements import InvalidRequirement, Requirement
 
 from ..builders import BuildRequest, Prepared, builder_for
 from ..check.verify import verify_wheel, with_findings
 from ..core.errors import BuildFailed, StackMismatch, ToolchainError, UsageError
-from ..core.fsutil import flocked, sha256_file
+from ..core.fsutil import atomic_write_json, flocked, sha256_file
 from ..core.recipe import Recipe, requirement_lines, stack_disagreements
 from ..core.targets import Target, parse_arch_list
 from ..release.manifest import Manifest, read_manifest
@@ -44,8 +45,8 @@ from ..toolchain.ccache import (DOWN_FLAG, CacheConfig, StoreWatch, start_with_f
                                 write_launcher, zero_stats)
 from ..toolchain.interrupt import OWNER_ENV, end_orphans, owner_mark
 from ..toolchain.jobs import machine_resources, memgate_env, plan_jobs
-from ..toolchain.ninja import (SHIM_LOGS_ENV, SHIM_TIMES_ENV, build_profile, read_ninja_log, unit_key,
-                               write_ninja_shim)
+from ..toolchain.ninja import (FLAGS_APPLIED, SHIM_FLAGS_ENV, SHIM_LOGS_ENV, SHIM_TIMES_ENV, build_profile,
+                               read_ninja_log, unit_key, write_ninja_shim)
 
 BUILDER_VERSION = "1"   # bump when the way wheels are produced changes
 
@@ -58,7 +59,10 @@ class BuildOutcome:
 
 
 # ---- the build key -------------------------------------------------------------------------------
-def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
+def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain,
+                 nvcc_flags: Mapping[str, list[str]] = {}) -> dict:
+    """What the wheel is made from; ``nvcc_flags``: units given extra flags on this machine (they
+    change the device code, so a build with them never reuses one without)."""
     rv = req.version
     archs = req.recipe.arch.archs_for(req.target)
     return {
@@ -71,6 +75,7 @@ def build_inputs(req: BuildRequest, toolchain: tc_mod.Toolchain) -> dict:
         "env": req.recipe.env, "toolchain": toolchain.identity(),
         **builder_for(req.recipe).key(req),
         **({"variants": req.variants} if rv.variants else {}),
+        **({"nvcc_flags": dict(sorted(nvcc_flags.items()))} if nvcc_flags else {}),
     }
 
 
@@ -261,19 +266,76 @@ def profile_path(recipe: Recipe, version: str) -> Path:
     return recipe.path.parent / "profiles" / f"{recipe.name}-{version}.json"
 
 
-def longest_first_env(req: BuildRequest, env: dict[str, str], work: Path) -> dict[str, str]:
-    """Put the ninja shim first on PATH: it reorders build.ninja slowest-first and keeps the log."""
+def recorded_units(req: BuildRequest) -> dict[str, float]:
+    """The recorded profile's seconds per compile unit; {} when none is recorded."""
+    recorded = profile_path(req.recipe, req.version.version)
+    return json.loads(recorded.read_text()).get("units", {}) if recorded.is_file() else {}
+
+
+def longest_first_env(req: BuildRequest, env: dict[str, str], work: Path,
+                      nvcc_flags: Mapping[str, list[str]] = {}) -> dict[str, str]:
+    """Put the ninja shim first on PATH: it reorders build.ninja slowest-first, keeps the log and
+    gives the units of ``nvcc_flags`` their flags (``unflagged`` checks afterwards)."""
     real = shutil.which("ninja", path=env["PATH"])
     if real is None:
+        if nvcc_flags:
+            raise BuildFailed(f"no ninja on the build's PATH to give {len(nvcc_flags)} units their nvcc flags")
         return env
     shim = write_ninja_shim(work / "shim", real).parent
     env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", SHIM_LOGS_ENV: str(work / "ninja-logs")}
-    recorded = profile_path(req.recipe, req.version.version)
-    if recorded.is_file():
-        times = json.loads(recorded.read_text()).get("units", {})
+    times = recorded_units(req)
+    if times:
         (work / "unit-times.json").write_text(json.dumps(times))
         env[SHIM_TIMES_ENV] = str(work / "unit-times.json")
+    if nvcc_flags:
+        atomic_write_json(work / "nvcc-flags.json", dict(nvcc_flags))
+        env[SHIM_FLAGS_ENV] = str(work / "nvcc-flags.json")
     return env
+
+
+def unflagged(work: Path, nvcc_flags: Mapping[str, list[str]]) -> list[str]:
+    """The units of ``nvcc_flags`` whose command the stand-in did not change (not in any build.ninja)."""
+    applied = work / "ninja-logs" / FLAGS_APPLIED
+    return sorted(set(nvcc_flags) - set(applied.read_text().split() if applied.is_file() else []))
+
+
+# ---- nvcc -split-compile, where the longest units bound the build ------------------------------------
+def units_to_split(profile: Mapping[str, float], subset: Sequence[str] = ()) -> list[str]:
+    """The units of the profile longer than its median (of those in ``subset``, when there is one).
+
+    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3})
+    ['a.o', 'b.o']
+    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3}, ["b.o", "c.o"])
+    ['b.o']
+    """
+    median = statistics.median(profile.values())
+    return sorted(u for u, s in profile.items() if s > median and (not subset or u in subset))
+
+
+def split_compile_flags(profile: Mapping[str, float], cores: int, threads: int,
+                        subset: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``{unit: ["-split-compile=N"]}`` for the long units, when the profile says a build on ``cores``
+    CPUs is bound by its longest unit (longest > unit time / cores); else {}. Splitting costs about
+    10 % more compile work (docs/reports/split-compile-flash-attn-cpu.md): where the CPUs are the
+    bound, that is lost time, not saved.
+
+    >>> p = {"a.o": 40, "b.o": 10, "c.o": 10, "d.o": 10}     # 70 s of units; median 10
+    >>> split_compile_flags(p, cores=1, threads=2)           # 70 s on one CPU: the CPU bounds it
+    {}
+    >>> split_compile_flags(p, cores=2, threads=2)           # 35 s a CPU: a.o's 40 s bounds it
+    {'a.o': ['-split-compile=2']}
+    """
+    units = {u: t for u, t in profile.items() if not subset or u in subset}
+    if not threads or not units or max(units.values()) <= sum(units.values()) / cores:
+        return {}
+    return {u: [f"-split-compile={threads}"] for u in units_to_split(profile, subset)}
+
+
+def split_compile_for(req: BuildRequest, cores: int, subset: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The recipe's ``[split-compile]`` on this build's CPUs ({} without the table or a profile)."""
+    if not req.recipe.split_compile:
+        return {}
+    return split_compile_flags(recorded_units(req), cores, req.recipe.split_compile, subset)
 
 
 def record_unit_times(req: BuildRequest, work: Path) -> dict[str, float]:
@@ -364,7 +426,7 @@ def build_package(req: BuildRequest) -> BuildOutcome:
     rv = req.version
     toolchain = tc_mod.probe(req.python, cache_dir=req.fetcher.cache)
     tc_mod.check(toolchain, req.stack.torch, rv.gcc, req.recipe.name)
-    inputs = build_inputs(req, toolchain)
+    inputs = build_inputs(req, toolchain, split_compile_for(req, machine_resources()[0]))
     key = build_key(inputs)
     outcome = _reusable(req, key, "identical inputs")
     if outcome:
@@ -410,13 +472,20 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
     out.mkdir(parents=True)
     log = req.workdir / "logs" / f"{req.recipe.name}-{key[:12]}.log"
     env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan, work=work)
-    env = longest_first_env(req, env, work)      # last: the ninja stand-in must come first on PATH
+    nvcc_flags = inputs.get("nvcc_flags", {})
+    if nvcc_flags:
+        print(f"nvcc {' '.join(next(iter(nvcc_flags.values())))} on {len(nvcc_flags)} units: on "
+              f"{machine_resources()[0]} CPUs the recorded profile is bound by its longest unit", file=sys.stderr)
+    env = longest_first_env(req, env, work, nvcc_flags)   # last: the ninja stand-in must come first on PATH
     try:
         built = builder_for(req.recipe).build(req, prepared.tree, env, out, log)
     finally:
         cache_stats = cache.finish() if cache else None
     result = built.run
     unit_times = record_unit_times(req, work)
+    missed = unflagged(work, nvcc_flags) if result.returncode == 0 else []
+    if missed:   # the profile names units this build has not: it is from another layout of the package
+        print(f"note: nvcc flags found no unit {', '.join(missed)} (recorded profile out of date?)", file=sys.stderr)
     if result.returncode != 0:
         raise BuildFailed(f"{req.recipe.name} build failed: {result.first_error or 'see the log'} "
                           f"(log: {log})")
@@ -439,7 +508,8 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
         "build": {"wall_s": round(result.wall_s, 1), "peak_mem_gib": round(result.peak_mem_bytes / 2**30, 2),
                   "jobs": plan.jobs, "nvcc_threads": plan.nvcc_threads, "jobs_reason": plan.reason,
                   "units": result.units_total, "log": str(log), "started": started,
-                  "cache": cache_stats, "profile": _profile(unit_times, result, plan, cache_stats)},
+                  "cache": cache_stats, "profile": _profile(unit_times, result, plan, cache_stats),
+                  **({"nvcc_flags": {u: f for u, f in nvcc_flags.items() if u not in missed}} if nvcc_flags else {})},
         "verify": verdict,
         **built.manifest,   # the builder's own section (FlashInfer: the AOT modules and their arches)
     }

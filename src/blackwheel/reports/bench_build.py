@@ -10,7 +10,8 @@ Both runs compile the same patched sources from separate extractions, cold:
   ``NVCC_THREADS`` 4, units in setup.py's order), no compiler cache;
 - **ours**: jobs from cores and memory (``jobs.plan_jobs``), one nvcc thread for one arch, units
   slowest-first from the recorded profile (the ninja stand-in), sccache on an empty local store
-  (what a first build gets);
+  (what a first build gets), and the recipe's ``[split-compile]`` where a build on the run's CPUs
+  would use it (``pipeline.build.split_compile_for``);
 - **ours, one unit touched** (``--touch``): ours again on a fresh extraction at the same path with
   one compile unit's source changed, the store now warm: what a patch to one unit costs.
 
@@ -30,10 +31,8 @@ whether both the wall and the longest unit dropped (the rule for adopting it).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import statistics
 import threading
 import time
 from dataclasses import replace
@@ -43,12 +42,13 @@ from ..toolchain import toolchain as tc_mod
 from ..builders import builder_for
 from ..builders.pip_wheel import pip_wheel_command
 from ..pipeline.build import (BuildRequest, build_environment, job_plan, longest_first_env, prepare_tree,
-                              profile_path, record_unit_times, start_compile_cache)
+                              profile_path, record_unit_times, recorded_units, split_compile_for,
+                              start_compile_cache, unflagged, units_to_split)
 from ..toolchain.ccache import CacheConfig
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, atomic_write_text
 from ..toolchain.jobs import GIB, machine_resources
-from ..toolchain.ninja import (FLAGS_APPLIED, SHIM_FLAGS_ENV, SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile,
+from ..toolchain.ninja import (SHIM_LOGS_ENV, SHIM_ONLY_ENV, build_profile,
                                read_ninja_log, unit_key, write_ninja_shim)
 from ..toolchain.progress import run_logged
 
@@ -81,18 +81,6 @@ def pick_units(profile: dict[str, float], n: int) -> list[str]:
         return ranked
     step = (len(ranked) - 1) / max(n - 1, 1)
     return [ranked[round(i * step)] for i in range(n)]
-
-
-def units_to_split(profile: dict[str, float], subset: list[str]) -> list[str]:
-    """The units of the profile longer than its median (of those in ``subset``, when there is one).
-
-    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3}, [])
-    ['a.o', 'b.o']
-    >>> units_to_split({"a.o": 9, "b.o": 5, "c.o": 1, "d.o": 3}, ["b.o", "c.o"])
-    ['b.o']
-    """
-    median = statistics.median(profile.values())
-    return sorted(u for u, s in profile.items() if s > median and (not subset or u in subset))
 
 
 def cpu_sets(available: list[int], cores: int, together: bool) -> tuple[frozenset[int], frozenset[int]]:
@@ -220,10 +208,9 @@ class Run:
             raise SystemExit(f"{self.label}: units not compiled: {', '.join(missing)} "
                              f"({result.first_error}; log {result.log})")
         flags = self.nvcc_flags
-        applied = work / "ninja-logs" / FLAGS_APPLIED
-        unflagged = sorted(set(flags) - set(applied.read_text().split() if applied.is_file() else []))
-        if unflagged:   # compiled as they were: the comparison would measure nothing
-            raise SystemExit(f"{self.label}: nvcc flags not given to {', '.join(unflagged)} (log {result.log})")
+        missed = unflagged(work, flags)
+        if missed:   # compiled as they were: the comparison would measure nothing
+            raise SystemExit(f"{self.label}: nvcc flags not given to {', '.join(missed)} (log {result.log})")
         self.tree = tree
         return {"wall_s": round(result.wall_s, 1), "peak_mem_gib": round(result.peak_mem_bytes / GIB, 2),
                 "units_compiled": len(times),
@@ -246,11 +233,7 @@ def _ours(req: BuildRequest, toolchain, run: Run, cache_dir: Path, touch: str | 
         env = build_environment(req, toolchain, prepared, plan)
         env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan,
                                          CacheConfig(kind="local", directory=cache_dir), work=run.work)
-        env = longest_first_env(req, env, run.work)
-        if run.nvcc_flags:
-            atomic_write_json(run.work / "nvcc-flags.json", run.nvcc_flags)
-            env[SHIM_FLAGS_ENV] = str(run.work / "nvcc-flags.json")
-        return env, cache
+        return longest_first_env(req, env, run.work, run.nvcc_flags), cache
     return prepare
 
 
@@ -290,7 +273,7 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     toolchain = tc_mod.probe(req.python)
     tc_mod.check(toolchain, req.stack.torch, req.version.gcc, req.recipe.name)
     recorded = profile_path(req.recipe, req.version.version)
-    profile = json.loads(recorded.read_text())["units"] if recorded.is_file() else {}
+    profile = recorded_units(req)
     if (units or split_compile) and not profile:
         raise UsageError(f"--units and --split-compile need recorded unit times ({recorded}); "
                          f"run one full build first")
@@ -309,7 +292,10 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     cache_dir = root / "sccache"
     theirs = Run("upstream", req, root / "upstream", up_cpus, subset)
     split_run = Run("ours-split", req, root / "ours-split", up_cpus, subset, nvcc_flags=split)
-    ours = Run("ours", req, root / "ours", our_cpus, subset)
+    # ours as a build on its CPUs would be, the recipe's [split-compile] included; plain against split
+    ours_flags = {} if split else split_compile_for(req, len(our_cpus) if our_cpus else machine_resources()[0],
+                                                    subset)
+    ours = Run("ours", req, root / "ours", our_cpus, subset, nvcc_flags=ours_flags)
     # apart, the baseline first, so any warmth of the machine (page cache) favours it: upstream before
     # ours, ours before ours split
     baseline = [(theirs, _upstream(req, toolchain, theirs))] if upstream else []
@@ -324,7 +310,7 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
     if touch:
         save(result)
         touched_unit = unit_to_touch(ours.result["unit_seconds"], ours.tree)
-        again = Run("ours-touched", req, root / "ours", our_cpus, subset)
+        again = Run("ours-touched", req, root / "ours", our_cpus, subset, nvcc_flags=ours_flags)
         shutil.rmtree(again.work / "ninja-logs", ignore_errors=True)
         # the same path as the cold run: sccache hits only for sources at the same path
         _start([(again, _ours(req, toolchain, again, cache_dir, touch=touched_unit))], False)
@@ -381,7 +367,9 @@ def render(result: dict) -> str:
            if cores else "Each run on the whole machine, one after the other.")
     rows = [f"| upstream's command | {up['wall_s']} | {up['peak_mem_gib']} | {up['jobs']} | {up['nvcc_threads']} | none |"
             ] if up else []
-    rows += [f"| blackwheel, cold | {ours['wall_s']} | {ours['peak_mem_gib']} | {ours['jobs']} | {ours['nvcc_threads']} "
+    flagged = ours.get("nvcc_flags") or {}    # the recipe's [split-compile], where ours used it
+    given = (f" (`{' '.join(next(iter(flagged.values())))}` on {len(flagged)} units)" if flagged else "")
+    rows += [f"| blackwheel, cold{given} | {ours['wall_s']} | {ours['peak_mem_gib']} | {ours['jobs']} | {ours['nvcc_threads']} "
             f"| {_cache_cell(ours.get('cache'))} |"]
     split, verdict = runs.get("ours_split"), result.get("split_compile")
     if split:
