@@ -138,7 +138,9 @@ wait)
     sleep 30; echo "--- $((SECONDS / 60)) min"; for f in /tmp/bench-build.log /tmp/fi.log /tmp/repro.log; do
       grep -E "units|modules|FI-|built|reused|error|Error" $f 2>/dev/null | tail -1; done
   done
-  tail -n 4 /tmp/bench-build.log /tmp/fi.log /tmp/repro.log ;;
+  tail -n 4 /tmp/bench-build.log /tmp/fi.log /tmp/repro.log
+  # what there is so far comes back with every call: a machine given back between calls loses the rest
+  [ -n "${OUT:-}" ] && bash tools/gpu/session.sh collect >/dev/null ;;
 collect)
   cp /tmp/bench-build.log /tmp/fi.log /tmp/repro.log "$RES/" 2>/dev/null
   mkdir -p "$RES/logs"; cp build/logs/*.log build/bench-build/*/*.log "$RES/logs/" 2>/dev/null

@@ -316,7 +316,7 @@ def split_compile_flags(profile: Mapping[str, float], cores: int, threads: int,
                         subset: Sequence[str] = ()) -> dict[str, list[str]]:
     """``{unit: ["-split-compile=N"]}`` for the long units, when the profile says a build on ``cores``
     CPUs is bound by its longest unit (longest > unit time / cores); else {}. Splitting costs about
-    10 % more compile work (docs/reports/split-compile-flash-attn-cpu.md): where the CPUs are the
+    10 % more compile work (docs/reports/split-compile-flash-attn.md): where the CPUs are the
     bound, that is lost time, not saved.
 
     >>> p = {"a.o": 40, "b.o": 10, "c.o": 10, "d.o": 10}     # 70 s of units; median 10
