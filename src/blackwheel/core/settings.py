@@ -60,7 +60,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_NINJA_TIMES", "", "ninja stand-in: recorded unit times (longest first)", True),
     EnvVar("BLACKWHEEL_NINJA_LOG_DIR", "", "ninja stand-in: where each run's .ninja_log is kept", True),
     EnvVar("BLACKWHEEL_NINJA_ONLY", "", "ninja stand-in: build only these units (bench-build)", True),
-    EnvVar("BLACKWHEEL_NINJA_NVCC_FLAGS", "", "ninja stand-in: extra nvcc flags for some units (bench-build --split-compile)", True),
+    EnvVar("BLACKWHEEL_NINJA_NVCC_FLAGS", "", "ninja stand-in: extra nvcc flags for some units (recipe [split-compile], bench-build --split-compile)", True),
     EnvVar("BLACKWHEEL_REAL_NINJA", "", "ninja stand-in: the ninja it runs", True),
     EnvVar("BLACKWHEEL_PLAN_OUT", "", "plan: where the generated build file is kept", True),
     EnvVar("BLACKWHEEL_COVERAGE", "", "test-upstream plugin: the kernel set's declared coverage", True),
