@@ -140,7 +140,7 @@ wait)
   done
   tail -n 4 /tmp/bench-build.log /tmp/fi.log /tmp/repro.log
   # what there is so far comes back with every call: a machine given back between calls loses the rest
-  [ -n "${OUT:-}" ] && bash tools/gpu/session.sh collect >/dev/null ;;
+  if [ -n "${OUT:-}" ]; then bash tools/gpu/session.sh collect >/dev/null; fi ;;
 collect)
   cp /tmp/bench-build.log /tmp/fi.log /tmp/repro.log "$RES/" 2>/dev/null
   mkdir -p "$RES/logs"; cp build/logs/*.log build/bench-build/*/*.log "$RES/logs/" 2>/dev/null

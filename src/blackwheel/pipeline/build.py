@@ -312,6 +312,11 @@ def units_to_split(profile: Mapping[str, float], subset: Sequence[str] = ()) -> 
     return sorted(u for u, s in profile.items() if s > median and (not subset or u in subset))
 
 
+def split_flags(profile: Mapping[str, float], threads: int, subset: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``{unit: ["-split-compile=N"]}`` for each unit of ``units_to_split``, bound or not."""
+    return {u: [f"-split-compile={threads}"] for u in units_to_split(profile, subset)}
+
+
 def split_compile_flags(profile: Mapping[str, float], cores: int, threads: int,
                         subset: Sequence[str] = ()) -> dict[str, list[str]]:
     """``{unit: ["-split-compile=N"]}`` for the long units, when the profile says a build on ``cores``
@@ -328,7 +333,7 @@ def split_compile_flags(profile: Mapping[str, float], cores: int, threads: int,
     units = {u: t for u, t in profile.items() if not subset or u in subset}
     if not threads or not units or max(units.values()) <= sum(units.values()) / cores:
         return {}
-    return {u: [f"-split-compile={threads}"] for u in units_to_split(profile, subset)}
+    return split_flags(profile, threads, subset)
 
 
 def split_compile_for(req: BuildRequest, cores: int, subset: Sequence[str] = ()) -> dict[str, list[str]]:
@@ -474,8 +479,8 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
     env, cache = start_compile_cache(req, env, toolchain, prepared.tree, plan, work=work)
     nvcc_flags = inputs.get("nvcc_flags", {})
     if nvcc_flags:
-        print(f"nvcc {' '.join(next(iter(nvcc_flags.values())))} on {len(nvcc_flags)} units: on "
-              f"{machine_resources()[0]} CPUs the recorded profile is bound by its longest unit", file=sys.stderr)
+        print(f"nvcc {' '.join(next(iter(nvcc_flags.values())))} on {len(nvcc_flags)} units: on this "
+              f"machine's CPUs the recorded profile is bound by its longest unit", file=sys.stderr)
     env = longest_first_env(req, env, work, nvcc_flags)   # last: the ninja stand-in must come first on PATH
     try:
         built = builder_for(req.recipe).build(req, prepared.tree, env, out, log)

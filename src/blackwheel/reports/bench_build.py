@@ -25,7 +25,7 @@ resident memory of the processes on its CPUs, ``progress.pinned_measure``), othe
 
 ``--split-compile N`` asks whether ``nvcc -split-compile=N`` on the long units shortens the bound: the
 pair is then ours and ours with that flag on each unit the recorded profile finds longer than its
-median (``units_to_split``), each with its own empty cache, and upstream is not run. The result says
+median (``pipeline.build.split_flags``), each with its own empty cache, and upstream is not run. The result says
 whether both the wall and the longest unit dropped (the rule for adopting it).
 """
 
@@ -43,7 +43,7 @@ from ..builders import builder_for
 from ..builders.pip_wheel import pip_wheel_command
 from ..pipeline.build import (BuildRequest, build_environment, job_plan, longest_first_env, prepare_tree,
                               profile_path, record_unit_times, recorded_units, split_compile_for,
-                              start_compile_cache, unflagged, units_to_split)
+                              split_flags, start_compile_cache, unflagged)
 from ..toolchain.ccache import CacheConfig
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_json, atomic_write_text
@@ -278,8 +278,7 @@ def side_by_side(req: BuildRequest, units: int, cores: int | None = None, togeth
         raise UsageError(f"--units and --split-compile need recorded unit times ({recorded}); "
                          f"run one full build first")
     subset = pick_units(profile, units) if units else []
-    split = ({u: [f"-split-compile={split_compile}"] for u in units_to_split(profile, subset)}
-             if split_compile else {})
+    split = split_flags(profile, split_compile, subset) if split_compile else {}
     if split_compile and not split:
         raise UsageError(f"--split-compile: no unit of {'the subset' if subset else recorded} is longer "
                          f"than the profile's median")
