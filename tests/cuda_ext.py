@@ -51,8 +51,9 @@ torch::Tensor saxpy(torch::Tensor x, torch::Tensor y) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("saxpy", &saxpy); }
 '''
 
-# light: the same setup.py lines the patch touches, units without torch's headers
-_LIGHT_SOURCES = ('["csrc/saxpy.cu"]', '["csrc/module.cpp", "csrc/saxpy.cu"]')
+# light: the same setup.py lines the patch touches, units without torch's headers, linked
+# --as-needed so that the module does not link torch's libraries either (recipe: no links-torch)
+_LIGHT_SOURCES = ('["csrc/saxpy.cu"],', '["csrc/module.cpp", "csrc/saxpy.cu"], extra_link_args=["-Wl,--as-needed"],')
 _LIGHT_KERNEL = '''
 __global__ void saxpy_kernel(const float* x, float* y, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -120,7 +121,7 @@ def make_sdist(where: Path, light: bool = False) -> Path:
     return sdist
 
 
-def recipe_text(sha256: str, archs: dict[str, list[str]] | None = None) -> str:
+def recipe_text(sha256: str, archs: dict[str, list[str]] | None = None, links_torch: bool = True) -> str:
     archs = archs or {"gb10": ["12.1"], "sm120": ["12.0"], "blackwell": ["12.0", "12.1"],
                       "hopper": ["9.0"]}
     targets = ", ".join(f'{t} = {list(v)!r}'.replace("'", '"') for t, v in archs.items())
@@ -129,6 +130,7 @@ def recipe_text(sha256: str, archs: dict[str, list[str]] | None = None) -> str:
         name = "{NAME}"
         import-name = "bw_saxpy"
         builder = "pip-wheel"
+        links-torch = {str(links_torch).lower()}
 
         [[versions]]
         version = "{VERSION}"
@@ -165,7 +167,7 @@ def make_project(where: Path, python: str, archs: dict[str, list[str]] | None = 
     sha = sha256_file(sdist)
     recipes = where / "recipes"
     (recipes / "stacks").mkdir(parents=True)
-    (recipes / f"{NAME}.toml").write_text(recipe_text(sha, archs))
+    (recipes / f"{NAME}.toml").write_text(recipe_text(sha, archs, links_torch=not light))
     (recipes / "stacks" / "test.toml").write_text(
         f'name = "test"\ncuda = "13.0"\ndefault = true\n[pins]\ntorch = "{torch_version(python)}"\n'
         f'"{NAME}" = "{VERSION}"\n')

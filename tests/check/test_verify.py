@@ -291,3 +291,33 @@ def test_a_library_that_calls_the_driver_without_linking_libcuda_fails(tmp_path)
     subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "s.c"), "-Wl,-soname,libcuda.so.1", "-o", str(stub)], check=True)
     subprocess.run(["cc", "-shared", "-fPIC", str(src), f"-L{stub.parent}", "-lcuda", "-o", str(lib)], check=True)
     assert not [f for f in verify_paths(tmp_path / "wheel", TARGETS["hopper"]).failures if "libcuda" in f]
+
+
+def test_links_torch_must_say_what_the_libraries_link(tmp_path):
+    """A library linked to libc10.so loads only beside the torch it was built against: the recipe must
+    say links-torch (its wheel then names that torch); one that links neither must not say it."""
+    if shutil.which("cc") is None:
+        pytest.skip("no host C compiler")
+    import subprocess
+    from blackwheel.check.verify import torch_link_failures
+    stub = tmp_path / "stub" / "libc10.so"
+    stub.parent.mkdir()
+    (tmp_path / "s.c").write_text("int c10_f(void) { return 1; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "s.c"), "-Wl,-soname,libc10.so", "-o", str(stub)], check=True)
+    (tmp_path / "m.c").write_text("int c10_f(void);\nint g(void) { return c10_f(); }\n")
+    wheel = tmp_path / "wheel"
+    wheel.mkdir()
+    linked, plain = wheel / "_C.so", tmp_path / "plain" / "_C.so"
+    plain.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "m.c"), "-Wl,--no-as-needed", f"-L{stub.parent}",
+                    "-lc10", "-o", str(linked)], check=True)
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "m.c"), "-o", str(plain)], check=True)
+    objects = verify_paths(wheel, TARGETS["hopper"]).objects
+    assert [o.needed for o in objects if "libc10.so" in o.needed]
+    assert torch_link_failures(objects, True, "pkg") == []
+    assert torch_link_failures(objects, False, "pkg") == [
+        "_C.so links torch (1 of the wheel's libraries do), but recipe pkg lacks links-torch = true: its wheel name would not "
+        "say which torch it needs"]
+    unlinked = verify_paths(plain.parent, TARGETS["hopper"]).objects
+    assert torch_link_failures(unlinked, False, "pkg") == []
+    assert "no library in the wheel links libtorch or libc10" in torch_link_failures(unlinked, True, "pkg")[0]

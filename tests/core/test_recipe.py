@@ -406,3 +406,13 @@ def test_condition_archs_follows_the_loose_intersection(archs, target, holds):
     target_archs = {"hopper": "9.0a", "gb10": "12.1a", "blackwell": "12.0f;12.1a", "sm120": "12.0f"}[target]
     assert cond.holds(TARGETS[target], "2.11.0", parse_arch_list(target_archs)) is holds
     assert "an arch served by" in str(cond)
+
+
+def test_links_torch(tree):
+    write_recipe(tree, "pkg", recipe_toml())
+    assert load_recipe("pkg").links_torch is False       # absent: the wheel serves any torch
+    write_recipe(tree, "pkg", recipe_toml().replace('depends = []', 'depends = []\nlinks-torch = true'))
+    assert load_recipe("pkg").links_torch is True
+    write_recipe(tree, "pkg", recipe_toml().replace('depends = []', 'depends = []\nlinks-torch = "yes"'))
+    with pytest.raises(RecipeError, match=r"\[package\] links-torch must be true or false, got 'yes'"):
+        load_recipe("pkg")

@@ -45,7 +45,8 @@ def test_blackwell_build_end_to_end_then_reuse(project, bw_env, capsys):
     wheels = [f for f in files if f.suffix == ".whl"]
     assert len(wheels) == 1 and not [f for f in files if f.name.endswith(".part")]
     wheel = wheels[0]
-    assert "+cu130.sm120.sm121-" in wheel.name
+    local = _local("sm120.sm121")                      # the extension links torch: the name says which
+    assert f"+{local}-" in wheel.name
     # the compiled .so holds native code for both devices of the target (read by our reader)
     cubins = {str(a) for o in inspect_path(wheel).cuda_objects for a in o.cubins}
     assert {"12.0", "12.1"} <= cubins
@@ -57,8 +58,9 @@ def test_blackwell_build_end_to_end_then_reuse(project, bw_env, capsys):
     assert manifest["toolchain"]["nvcc"].startswith("13.")
     assert manifest["build"]["wall_s"] > 0
     with zipfile.ZipFile(wheel) as zf:
-        assert any(n.endswith(".dist-info/METADATA") and b"+cu130.sm120.sm121" in zf.read(n)
-                   for n in zf.namelist())
+        (metadata,) = [zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+    assert f"\nVersion: 0.1.0+{local}\n" in metadata
+    assert f"\nRequires-Dist: torch=={_torch_minor()}.*\n" in metadata
     # the patch reached the compiled code: the build log shows -DSCALE=3.0
     assert "-DSCALE=3.0" in Path(manifest["build"]["log"]).read_text()
     capsys.readouterr()
@@ -87,6 +89,14 @@ def test_split_compile_where_the_longest_unit_bounds_the_build(project, bw_env, 
     assert manifest["verify"]["ok"] is True
 
 
+def _torch_minor() -> str:
+    return ".".join(cuda_ext.torch_version(sys.executable).split(".")[:2])
+
+
+def _local(targets: str) -> str:
+    return f"cu130.torch{_torch_minor()}.{targets}"
+
+
 def _publish_and_install(wheel: Path, where: Path) -> None:
     """The pipeline's wheel through a real pypiserver into a fresh venv, and imported there."""
     import subprocess
@@ -105,8 +115,10 @@ def _publish_and_install(wheel: Path, where: Path) -> None:
 
         site = next((venv / "lib").glob("python*/site-packages"))
         (site / "outer_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-               "--no-input", "--index-url", srv.simple_url, f"{cuda_ext.NAME}==0.1.0+cu130.sm120.sm121"]
+        # with its dependencies: the torch it requires is the one beside it, so pip asks the index
+        # (which has no torch) for nothing more
+        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+               "--no-input", "--index-url", srv.simple_url, f"{cuda_ext.NAME}==0.1.0+{_local('sm120.sm121')}"]
         proc = subprocess.run(pip, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
                               "PIP_CONFIG_FILE": "/dev/null", "HOME": str(venv)})
         assert proc.returncode == 0, proc.stdout + proc.stderr

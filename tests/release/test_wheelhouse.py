@@ -78,6 +78,35 @@ def check_record(wheel: Path) -> list[str]:
 def test_local_version():
     assert local_version("13.0", "sm121") == "cu130.sm121"
     assert local_version("13.0", "sm120.sm121") == "cu130.sm120.sm121"
+    assert local_version("13.0", "sm121", ("nofa3",), torch="2.11.0") == "cu130.torch2.11.sm121.nofa3"
+    assert local_version("13.0", "sm90", torch="2.14.1") == "cu130.torch2.14.sm90"
+
+
+def test_retag_adds_a_requirement_once_and_keeps_the_description(tmp_path):
+    src = make_wheel(tmp_path)
+    new = retag_wheel(src, "cu130.torch2.14.sm121", _dir(tmp_path / "out"),
+                      [wheelhouse.torch_requirement("2.14.0"), "torch==2.14.1"])
+    check_record(new)
+    with zipfile.ZipFile(new) as zf:
+        meta = zf.read("pkg_x-1.0+cu130.torch2.14.sm121.dist-info/METADATA").decode()
+    head, _, body = meta.partition("\n\n")
+    assert head.splitlines()[-2:] == ["Requires-Dist: torch==2.14.1", "Requires-Dist: torch==2.14.*"]
+    assert body == "Version: in the description\n"
+    target = tmp_path / "target"                      # what an installer reads of it
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                           "--disable-pip-version-check", "--target", str(target), str(new)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from importlib.metadata import PathDistribution
+    dist = PathDistribution(target / "pkg_x-1.0+cu130.torch2.14.sm121.dist-info")
+    assert dist.requires == ["torch==2.14.1", "torch==2.14.*"]
+
+
+def test_a_torch_requirement_is_the_minor_release():
+    from packaging.specifiers import SpecifierSet
+    spec = SpecifierSet(wheelhouse.torch_requirement("2.11.0").removeprefix("torch"))
+    assert spec.contains("2.11.0") and spec.contains("2.11.1") and spec.contains("2.11.0+cu130")
+    assert not spec.contains("2.12.0") and not spec.contains("2.10.0")
 
 
 def test_retag_rewrites_name_metadata_dist_info_data_and_record(tmp_path):
@@ -250,14 +279,35 @@ def test_a_name_another_stack_holds_is_found_before_a_build(tmp_path):
     assert find(root, "stack-a", "pkg-x", "1.0", "cu130.sm121") is None        # its own stack: a rebuild
     assert find(root, "stack-b", "pkg-x", "1.0", "cu130.sm120") is None        # another local version
     assert find(root, "stack-b", "pkg-x", "1.1", "cu130.sm121") is None
-    req = SimpleNamespace(wheelhouse=root, stack=SimpleNamespace(name="stack-b", cuda="13.0"),
+    req = SimpleNamespace(wheelhouse=root, stack=SimpleNamespace(name="stack-b", cuda="13.0", torch="2.14.0"),
                           target=SimpleNamespace(tag="sm121"), variant_tags=(),
-                          recipe=SimpleNamespace(dist_name="pkg-x"), version=SimpleNamespace(version="1.0"))
+                          recipe=SimpleNamespace(dist_name="pkg-x", links_torch=False), version=SimpleNamespace(version="1.0"))
     with pytest.raises(UsageError, match="stack-a/gb10/pkg_x-1.0\\+cu130.sm121-.*remove it") as refused:
         _refuse_a_name_another_stack_holds(req)
     assert "\n" not in str(refused.value)
     req.stack.name = "stack-a"
     _refuse_a_name_another_stack_holds(req)
+
+
+def test_two_stacks_torch_linked_wheels_have_two_names(tmp_path):
+    """flash-attn links torch and both stacks pin the same version: each stack's wheel names its torch,
+    so both live in one wheelhouse (and one index), and neither build is refused."""
+    from blackwheel.pipeline.build import _refuse_a_name_another_stack_holds, wheel_local_version
+    from types import SimpleNamespace
+    root = tmp_path / "wh"
+    req = SimpleNamespace(wheelhouse=root, stack=SimpleNamespace(name="stack-a", cuda="13.0", torch="2.11.0"),
+                          target=SimpleNamespace(tag="sm121"), variant_tags=(),
+                          recipe=SimpleNamespace(dist_name="pkg-x", links_torch=True), version=SimpleNamespace(version="1.0"))
+    assert wheel_local_version(req) == "cu130.torch2.11.sm121"
+    first = retag_wheel(make_wheel(_dir(tmp_path / "in")), wheel_local_version(req), _dir(tmp_path / "out"))
+    place(first, _manifest(), root, "stack-a", "gb10")
+    req.stack.name, req.stack.torch = "stack-b", "2.14.0"
+    _refuse_a_name_another_stack_holds(req)                                    # not refused: another name
+    second = retag_wheel(make_wheel(_dir(tmp_path / "in2"), version="1.0"), wheel_local_version(req),
+                         _dir(tmp_path / "out2"))
+    place(second, _manifest(), root, "stack-b", "gb10")
+    assert [p.name for p in wheels(root)] == [first.name, second.name]
+    assert first.name != second.name and "+cu130.torch2.14.sm121-" in second.name
 
 
 def _dir(path: Path) -> Path:

@@ -10,6 +10,7 @@ because it JIT-compiles slowly and may hold only ``__CUDA_ARCH__`` stubs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import PurePosixPath
@@ -128,6 +129,23 @@ def _link_failures(obj: ObjectReport) -> list[str]:
     some = ", ".join(obj.driver_calls[:3]) + (", ..." if len(obj.driver_calls) > 3 else "")
     return [f"{obj.path}: calls {len(obj.driver_calls)} CUDA driver function(s) ({some}) but does not "
             f"link libcuda.so.1 (not in its NEEDED): it fails to load with 'undefined symbol'"]
+
+
+_TORCH_LIBRARY = re.compile(r"lib(c10|torch)(_[a-z]+)*\.so(\.[0-9.]+)?")
+
+
+def torch_link_failures(objects: Iterable[ObjectReport], declared: bool, package: str) -> list[str]:
+    """The recipe's ``links-torch`` must say what the libraries do: a wheel whose libraries link
+    libtorch/libc10 loads only beside the torch it was built against, so its name and metadata must
+    say which (and a wheel that does not must not claim one)."""
+    linking = [o.path for o in objects if any(_TORCH_LIBRARY.fullmatch(n) for n in o.needed)]
+    if linking and not declared:
+        return [f"{linking[0]} links torch ({len(linking)} of the wheel's libraries do), "
+                f"but recipe {package} lacks links-torch = true: its wheel name would not say which torch it needs"]
+    if declared and not linking:
+        return [f"recipe {package} says links-torch = true, but no library in the wheel links libtorch or "
+                "libc10: its name and metadata would claim a torch it does not need"]
+    return []
 
 
 def _matches(obj: ObjectReport, glob: str) -> bool:

@@ -209,6 +209,9 @@ class Recipe:
     build_requires: tuple[str, ...] = ()
     # [split-compile] threads: nvcc -split-compile=N on the long units, when they bound the build (0: never)
     split_compile: int = 0
+    # [package] links-torch: the wheel's libraries link libtorch, so they load only beside the torch
+    # they were built against; the wheel's version names that torch and its metadata requires it
+    links_torch: bool = False
     # the recipe file as read, once: the tables only its builder reads ([aot], [kernel-sets], ...)
     data: Mapping = field(default_factory=dict, hash=False, compare=False)
 
@@ -343,6 +346,13 @@ def _split_compile_from_toml(d: dict | None, where: str) -> int:
     return threads
 
 
+def _bool_from_toml(table: dict, key: str, where: str) -> bool:
+    value = table.get(key, False)
+    if type(value) is not bool:
+        raise RecipeError(f"{where} {key} must be true or false, got {value!r}")
+    return value
+
+
 def load_recipe(name: str) -> Recipe:
     path = recipes_dir() / f"{name}.toml"
     if not path.is_file():
@@ -364,6 +374,7 @@ def load_recipe(name: str) -> Recipe:
             jobs_style=pkg.get("jobs-style", "torch-ext"),
             build_requires=tuple(pkg.get("build-requires", ())),
             split_compile=_split_compile_from_toml(data.get("split-compile"), where),
+            links_torch=_bool_from_toml(pkg, "links-torch", f"{where}: [package]"),
             data=MappingProxyType(data),
         )
     except KeyError as exc:

@@ -30,13 +30,14 @@ from typing import Iterable, Mapping, Sequence
 from packaging.requirements import InvalidRequirement, Requirement
 
 from ..builders import BuildRequest, Prepared, builder_for
-from ..check.verify import verify_wheel, with_findings
+from ..check.verify import torch_link_failures, verify_wheel, with_findings
 from ..core.errors import BuildFailed, StackMismatch, ToolchainError, UsageError
 from ..core.fsutil import atomic_write_json, flocked, sha256_file
 from ..core.recipe import Recipe, requirement_lines, stack_disagreements
 from ..core.targets import Target, parse_arch_list
 from ..release.manifest import Manifest, read_manifest
-from ..release.wheelhouse import find_reusable, local_version, name_taken_elsewhere, place, retag_wheel
+from ..release.wheelhouse import (find_reusable, local_version, name_taken_elsewhere, place, retag_wheel,
+                                  torch_requirement)
 from ..sources.fetch import safe_extract
 from ..sources.patch import apply_series
 from ..toolchain import memgate
@@ -249,7 +250,8 @@ def check_expected_libraries(wheel: Path, recipe: Recipe, left_out: Mapping[str,
 def verify_built(wheel: Path, req: BuildRequest, left_out: Mapping[str, str] = {}) -> dict:
     required = {g: archs for g, archs in _required_cubins(req.recipe, req.target).items() if g not in left_out}
     report = verify_wheel(wheel, req.target, required or None, req.recipe.expect.get("ptx-only-ok", ()))
-    report = with_findings(report, (), [f"not expected: {g} ({why})" for g, why in sorted(left_out.items())])
+    report = with_findings(report, torch_link_failures(report.objects, req.recipe.links_torch, req.recipe.name),
+                           [f"not expected: {g} ({why})" for g, why in sorted(left_out.items())])
     report.raise_for_failure()
     return report.to_dict()
 
@@ -448,10 +450,16 @@ def build_package(req: BuildRequest) -> BuildOutcome:
         return _reusable(req, key, why) or _build(req, toolchain, inputs, key, work)
 
 
+def wheel_local_version(req: BuildRequest) -> str:
+    """The built wheel's local version: CUDA, the stack's torch where the recipe links it, target, variants."""
+    return local_version(req.stack.cuda, req.target.tag, req.variant_tags,
+                         req.stack.torch if req.recipe.links_torch else None)
+
+
 def _refuse_a_name_another_stack_holds(req: BuildRequest) -> None:
     """Before any compile: the wheel's file name (dist, version, local version) must not already be
     another stack's, whose bytes differ (another torch); placement would refuse it after the compile."""
-    local = local_version(req.stack.cuda, req.target.tag, req.variant_tags)
+    local = wheel_local_version(req)
     other = name_taken_elsewhere(req.wheelhouse, req.stack.name, req.recipe.dist_name, req.version.version, local)
     if other is not None:
         raise UsageError(f"{other.relative_to(req.wheelhouse)} already holds the file name this "
@@ -497,7 +505,8 @@ def _build(req: BuildRequest, toolchain, inputs: dict, key: str, work: Path) -> 
     raw = _single_wheel(out, req.recipe)
     left_out = left_out_libraries(req, prepared.absent)
     check_expected_libraries(raw, req.recipe, left_out)
-    wheel = retag_wheel(raw, local_version(req.stack.cuda, req.target.tag, req.variant_tags), out)
+    wheel = retag_wheel(raw, wheel_local_version(req), out,
+                        [torch_requirement(req.stack.torch)] if req.recipe.links_torch else [])
     verdict = verify_built(wheel, req, left_out)
     manifest: Manifest = {
         "package": req.recipe.name, "dist_name": req.recipe.dist_name,

@@ -16,6 +16,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -33,10 +34,18 @@ def folder(root: Path, stack: str, target: str) -> Path:
     return root / stack / target
 
 
-def local_version(cuda: str, target_tag: str, variant_tags=()) -> str:
-    """``cu130.sm121`` (``cu130.sm90.nofa3`` with a variant off): CUDA, target and variants not at
-    their default in the wheel's version, so builds never share a file name."""
-    return ".".join([f"cu{cuda.replace('.', '')}", target_tag, *variant_tags])
+def local_version(cuda: str, target_tag: str, variant_tags=(), torch: str | None = None) -> str:
+    """``cu130.sm121`` (``cu130.sm90.nofa3`` with a variant off; ``cu130.torch2.11.sm121`` for a wheel
+    that links torch 2.11): CUDA, torch, target and variants not at their default in the wheel's
+    version, so builds never share a file name."""
+    torch_part = [f"torch{Version(torch).major}.{Version(torch).minor}"] if torch else []
+    return ".".join([f"cu{cuda.replace('.', '')}", *torch_part, target_tag, *variant_tags])
+
+
+def torch_requirement(torch: str) -> str:
+    """What a wheel that links torch ``torch`` requires of it: the same minor release, whose
+    libraries keep the ABI it was built against."""
+    return f"torch=={Version(torch).major}.{Version(torch).minor}.*"
 
 
 # ---- reuse ---------------------------------------------------------------------------------------
@@ -63,8 +72,9 @@ def _dist_info_dir(zin: zipfile.ZipFile, wheel: Path) -> str:
     return dirs.pop()
 
 
-def retag_wheel(wheel: Path, local: str, out_dir: Path) -> Path:
-    """Rewrite ``wheel`` with version ``<public>+<local>`` (dist-info, .data, METADATA, RECORD)."""
+def retag_wheel(wheel: Path, local: str, out_dir: Path, requires: Sequence[str] = ()) -> Path:
+    """Rewrite ``wheel`` with version ``<public>+<local>`` (dist-info, .data, METADATA, RECORD);
+    ``requires``: ``Requires-Dist`` lines its METADATA gains (those it has already are not repeated)."""
     name, version, build, tags = parse_wheel_filename(wheel.name)
     new_version = f"{Version(str(version)).public}+{local}"
     dist = wheel.name.split("-")[0]
@@ -76,7 +86,7 @@ def retag_wheel(wheel: Path, local: str, out_dir: Path) -> Path:
         with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
             old_stem = _dist_info_dir(zin, wheel)[: -len(".dist-info")]
             new_stem = f"{old_stem.rsplit('-', 1)[0]}-{new_version}"
-            _rewrite_members(zin, zout, old_stem, new_stem, new_version)
+            _rewrite_members(zin, zout, old_stem, new_stem, new_version, tuple(requires))
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,7 +95,7 @@ def retag_wheel(wheel: Path, local: str, out_dir: Path) -> Path:
 
 
 def _rewrite_members(zin: zipfile.ZipFile, zout: zipfile.ZipFile, old_stem: str, new_stem: str,
-                     new_version: str) -> None:
+                     new_version: str, requires: tuple[str, ...] = ()) -> None:
     """Copy every member, renaming ``<old_stem>.dist-info/`` and ``.data/``; write a fresh RECORD."""
     records = io.StringIO()
     writer = csv.writer(records, lineterminator="\n")   # csv: a path may hold a comma
@@ -100,6 +110,7 @@ def _rewrite_members(zin: zipfile.ZipFile, zout: zipfile.ZipFile, old_stem: str,
         data = zin.read(info)
         if arc == f"{new_info}/METADATA":
             data = re.sub(rb"(?m)^Version: .*$", f"Version: {new_version}".encode(), data, count=1)
+            data = _with_requirements(data, requires)
         zi = zipfile.ZipInfo(arc, date_time=info.date_time)
         zi.external_attr, zi.compress_type = info.external_attr, zipfile.ZIP_DEFLATED
         zout.writestr(zi, data)
@@ -107,6 +118,17 @@ def _rewrite_members(zin: zipfile.ZipFile, zout: zipfile.ZipFile, old_stem: str,
             writer.writerow([arc, record_hash(data), len(data)])
     writer.writerow([f"{new_info}/RECORD", "", ""])
     zout.writestr(zipfile.ZipInfo(f"{new_info}/RECORD", date_time=(1980, 1, 1, 0, 0, 0)), records.getvalue())
+
+
+def _with_requirements(metadata: bytes, requires: tuple[str, ...]) -> bytes:
+    """METADATA with a ``Requires-Dist`` line for each of ``requires`` it lacks, at the end of its
+    headers (the description after the first blank line stays as it was)."""
+    head, sep, body = metadata.partition(b"\n\n")
+    have = set(re.findall(rb"(?m)^Requires-Dist: *(.*?) *$", head))
+    lines = [f"Requires-Dist: {r}".encode() for r in requires if r.encode() not in have]
+    if not lines:
+        return metadata
+    return head.rstrip(b"\n") + b"\n" + b"\n".join(lines) + (sep or b"\n") + body
 
 
 # ---- placing -------------------------------------------------------------------------------------
