@@ -165,7 +165,8 @@ def write_manifest(wheel: Path, *, verify_ok: bool = True, stack: str = "cu130-t
     """The manifest the build stage would write beside ``wheel``."""
     name, version = wheel.name.split("-")[:2]
     manifest = {
-        "schema": "blackwheel.manifest/1", "package": name.replace("_", "-"), "version": version,
+        "schema": "blackwheel.manifest/1", "package": name.replace("_", "-"),
+        "dist_name": name.replace("_", "-"), "version": version,
         "wheel": wheel.name, "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
         "wheel_size": wheel.stat().st_size, "stack": stack, "target": target,
         "sources": [

@@ -191,3 +191,21 @@ def test_cli_refuses_a_bad_url_before_any_work(tmp_path):
     args = parser.parse_args(["publish", "--wheelhouse", str(tmp_path / "absent"), "--to", "localhost:8080"])
     with pytest.raises(PublishError, match="needs a scheme"):
         args.func(args)
+
+
+def test_smoke_install_default_list_is_one_version_a_package(tmp_path, capsys):
+    """Two stacks' flash-attn in one wheelhouse: the default list would ask pip for both at once, so it
+    is refused in one line before a venv is made; --stack / --target pick one."""
+    from blackwheel import cli
+    wh = tmp_path / "wh"
+    h.place(h.build_wheel(tmp_path, "bw-two", "1.0+cu130.torch2.11.sm121", 1), wh, stack="a")
+    h.place(h.build_wheel(tmp_path, "bw-two", "1.0+cu130.torch2.14.sm121", 2), wh, stack="b")
+    h.place(h.build_wheel(tmp_path, "bw-one", "2.0", 1), wh, stack="b")
+    assert cli_release.wheelhouse_requirements(wh, "a") == ["bw-two==1.0+cu130.torch2.11.sm121"]
+    assert cli_release.wheelhouse_requirements(wh, "b", "gb10") == ["bw-one==2.0", "bw-two==1.0+cu130.torch2.14.sm121"]
+    venv = tmp_path / "venv"
+    assert cli.main(["smoke-install", "--index-url", "file:///nowhere/simple/", "--wheelhouse", str(wh),
+                     "--venv", str(venv)]) == 2
+    assert capsys.readouterr().err == ("blackwheel: the wheelhouse holds 2 versions of bw-two (1.0+cu130.torch2.11.sm121, "
+                                       "1.0+cu130.torch2.14.sm121): give --stack and --target, or name the packages\n")
+    assert not venv.exists()

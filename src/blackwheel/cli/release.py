@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..core.errors import PublishError
+from ..core.errors import PublishError, UsageError
 from ..release.index import build_static_index
 from ..release.manifest import read_manifest
 from ..release.provenance import provenance
@@ -43,7 +43,23 @@ def _smoke_install_parser(sub) -> None:
     r.add_argument("--extra-index-url", action="append", default=[], help="e.g. the PyTorch cu130 wheel index")
     r.add_argument("--venv", type=Path, default=Path("build/smoke-venv"), help="where the fresh venv goes")
     r.add_argument("--wheelhouse", help="folder of <stack>/<target>/*.whl, for the default package list")
+    r.add_argument("--stack", help="the default package list from this stack's wheels only")
+    r.add_argument("--target", help="the default package list from this target's wheels only")
     r.set_defaults(func=cmd_smoke_install)
+
+
+def wheelhouse_requirements(root, stack: str | None = None, target: str | None = None) -> list[str]:
+    """``dist==version`` for each wheel of the wheelhouse (of one stack, one target); one version a
+    package, or pip would be asked for two at once."""
+    versions: dict[str, set[str]] = {}
+    for m in map(read_manifest, wheels(root, stack, target)):
+        versions.setdefault(m["dist_name"], set()).add(m["version"])
+    twice = {d: sorted(v) for d, v in versions.items() if len(v) > 1}
+    if twice:
+        dist, both = next(iter(sorted(twice.items())))
+        raise UsageError(f"the wheelhouse holds {len(both)} versions of {dist} ({', '.join(both)}): give "
+                         "--stack and --target, or name the packages")
+    return sorted(f"{d}=={v.pop()}" for d, v in versions.items())
 
 
 def cmd_publish(args) -> int:
@@ -68,8 +84,7 @@ def cmd_publish(args) -> int:
 
 
 def cmd_smoke_install(args) -> int:
-    packages = args.packages or sorted({f"{m['dist_name']}=={m['version']}" for m in
-                                        map(read_manifest, wheels(settings(args).wheelhouse))})
+    packages = args.packages or wheelhouse_requirements(settings(args).wheelhouse, args.stack, args.target)
     if not packages:
         raise PublishError("nothing to install: name packages, or build some into the wheelhouse first")
     shutil.rmtree(args.venv, ignore_errors=True)
