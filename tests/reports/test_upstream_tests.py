@@ -223,8 +223,40 @@ def test_a_listed_test_that_no_longer_exists_is_named_as_vanished(upstream, tmp_
     # the first run's counts, and one more passed and one more skipped: the real ids ran
     assert both["files"][file] == {"passed": 4, "failed": 1, "skipped": 2, "skipped_missing_module": 1,
                                    "deselected": 4}
-    assert f"VANISHED: 1 listed test(s) no longer exist (renamed or removed upstream, or their file did not " \
-           f"collect): not run, in no count: {gone}" in report_text(both)
+    assert f"VANISHED: 1 listed test(s) no longer exist (renamed or removed upstream): not run, in no count: " \
+           f"{gone}" in report_text(both)
+    assert "uncollected_ids" not in both
+
+
+def test_a_listed_test_whose_file_no_longer_imports_is_not_vanished(upstream, tmp_path):
+    """The rest of a run, where one listed file has since stopped importing: its tests are named as
+    not collected (its import error is its one failure), not as vanished; the other file's still run."""
+    recipe, fetcher = upstream
+    sdist = tmp_path / "src" / "pkg-1.0"
+    broken = "tests/attention/test_broken_kernels.py"
+    (sdist / broken).write_text("import torch_ops_that_are_not_there\n\ndef test_never():\n    pass\n")
+    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    path = Path(recipe.path)
+    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive))
+                    .replace('paths = ["tests/attention/test_decode_kernels.py"]',
+                             f'paths = ["{broken}", "tests/attention/test_decode_kernels.py"]'))
+    fetcher = Fetcher(tmp_path / "cache2", tmp_path / "mirror", offline=True)
+    file = "tests/attention/test_decode_kernels.py"
+    first = {"package": "pkg", "version": "1.0", "kernel_set": None, "pytest_exit": 0, "missing_modules": [],
+             "files": {file: {"passed": 4, "failed": 0, "skipped": 0, "skipped_missing_module": 0}}}
+    gone = f"{file}::test_decode[float16-96]"
+    left = [f"{broken}::test_never", f"{file}::test_plain_skip", gone]
+    both = run_upstream_tests(load_recipe("pkg"), "1.0", fetcher, tmp_path / "work",
+                              rest_of={**first, "not_run_ids": left})
+    assert both["uncollected_ids"] == [f"{broken}::test_never"]
+    assert both["vanished_ids"] == [gone]
+    assert both["files"][broken]["failed"] == 1 and both["files"][file]["skipped"] == 1
+    text = report_text(both)
+    assert f"NOT COLLECTED: 1 listed test(s) not run: their file did not import (counted once as that file's " \
+           f"failure): {broken}::test_never" in text
+    assert f"VANISHED: 1 listed test(s) no longer exist (renamed or removed upstream): not run, in no count: {gone}" in text
 
 
 def test_a_file_that_does_not_import_fails_alone_and_says_why(upstream, tmp_path):

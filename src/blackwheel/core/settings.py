@@ -71,6 +71,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("BLACKWHEEL_NOT_RUN_OUT", "", "test-upstream plugin: file naming the tests the deadline left", True),
     EnvVar("BLACKWHEEL_ONLY_IDS", "", "test-upstream plugin: file of the only tests to run (--rest-of)", True),
     EnvVar("BLACKWHEEL_VANISHED_OUT", "", "test-upstream plugin: file naming the listed tests no longer collected (--rest-of)", True),
+    EnvVar("BLACKWHEEL_UNCOLLECTED_OUT", "", "test-upstream plugin: file naming the listed tests whose file did not import (--rest-of)", True),
 )
 
 

@@ -9,3 +9,4 @@ DEADLINE_REASON = "blackwheel: not run, the run's deadline had passed"
 NOT_RUN_OUT_ENV = "BLACKWHEEL_NOT_RUN_OUT"  # file: the node ids skipped for the deadline
 ONLY_IDS_ENV = "BLACKWHEEL_ONLY_IDS"        # file: run only these node ids
 VANISHED_OUT_ENV = "BLACKWHEEL_VANISHED_OUT"  # file: the listed node ids that collection no longer has
+UNCOLLECTED_OUT_ENV = "BLACKWHEEL_UNCOLLECTED_OUT"  # file: the listed node ids whose file did not import

@@ -29,7 +29,8 @@ from ..core.errors import UsageError
 from ..core.recipe import Recipe
 from ..sources.fetch import safe_extract
 from .upstream_coverage import COVERAGE_ENV, REPORT_ENV
-from .upstream_env import DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, VANISHED_OUT_ENV
+from .upstream_env import (DEADLINE_ENV, DEADLINE_REASON, NOT_RUN_OUT_ENV, ONLY_IDS_ENV, UNCOLLECTED_OUT_ENV,
+                           VANISHED_OUT_ENV)
 from .upstream_trace import TRACE_ENV, TRACE_OUT_ENV, merge
 
 MISSING_MODULE = re.compile(r"missing JIT cache for module:?\s*(\S+)")
@@ -172,6 +173,7 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
     where = lay_out_tests(tree, run)
     junit, deselected_json, trace_json = run / "junit.xml", run / "deselected.json", run / "trace.json"
     not_run_txt, only_txt, vanished_txt = run / "not-run.txt", run / "only-ids.txt", run / "vanished.txt"
+    uncollected_txt = run / "uncollected.txt"
     if only_ids:
         only_txt.write_text("".join(f"{i}\n" for i in only_ids))
     coverage = coverage_of(recipe, kernel_set)
@@ -180,7 +182,8 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC_ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONDONTWRITEBYTECODE": "1",
            NOT_RUN_OUT_ENV: str(not_run_txt),
-           **({ONLY_IDS_ENV: str(only_txt), VANISHED_OUT_ENV: str(vanished_txt)} if only_ids else {}),
+           **({ONLY_IDS_ENV: str(only_txt), VANISHED_OUT_ENV: str(vanished_txt),
+               UNCOLLECTED_OUT_ENV: str(uncollected_txt)} if only_ids else {}),
            **({DEADLINE_ENV: str(time.time() + deadline_s)} if deadline_s else {})}
     cmd = [python, "-m", "pytest", *paths, "-p", "blackwheel.reports.upstream_coverage",
            "-p", "blackwheel.reports.upstream_trace", "-p", "blackwheel.reports.upstream_deadline",
@@ -200,13 +203,15 @@ def _run_laid_out(recipe, rv, version, tree, run: Path, python, kernel_set, pyte
     not_run = sum(c.get("not_run_deadline", 0) for c in result["files"].values())
     not_run_ids = _ids_in(not_run_txt)
     vanished_ids = _ids_in(vanished_txt)    # listed to run, but collection no longer has them
+    uncollected_ids = _ids_in(uncollected_txt)   # listed to run, but their file did not import (counted failed)
     return {"package": recipe.name, "version": version, "tests_from": source, "kernel_set": kernel_set,
             "env": rv.tests.env, "coverage": coverage, "pytest_exit": proc.returncode, **result,
             **({"partial": f"{not_run} test(s) not run: the {deadline_s:g} s deadline passed"} if not_run else {}),
             "first_result_s": trace.get("first_result_s", {}),
             **({"trace": {"via": rv.tests.trace, "modules": trace.get("modules", {})}} if rv.tests.trace else {}),
             **({"not_run_ids": not_run_ids} if not_run_ids else {}),
-            **({"vanished_ids": vanished_ids} if vanished_ids else {})}
+            **({"vanished_ids": vanished_ids} if vanished_ids else {}),
+            **({"uncollected_ids": uncollected_ids} if uncollected_ids else {})}
 
 
 def _ids_in(path: Path) -> list[str]:
@@ -239,9 +244,10 @@ def combine_runs(first: Mapping, rest: Mapping) -> dict:
             modules[name] = {"aot": seen.get("aot"), "calls": modules.get(name, {}).get("calls", 0) + seen.get("calls", 0)}
     out["pytest_exit"] = rest["pytest_exit"] if first["pytest_exit"] in (0, 5) else first["pytest_exit"]
     out["runs"] = first.get("runs", 1) + 1
-    vanished = sorted({*first.get("vanished_ids", []), *rest.get("vanished_ids", [])})
-    if vanished:    # each run's list: a later run is given only what the one before left, so none twice
-        out["vanished_ids"] = vanished
+    for key in ("vanished_ids", "uncollected_ids"):
+        ids = sorted({*first.get(key, []), *rest.get(key, [])})
+        if ids:     # each run's list: a later run is given only what the one before left, so none twice
+            out[key] = ids
     out.pop("partial", None)
     out.pop("not_run_ids", None)
     if rest.get("partial"):
@@ -265,8 +271,13 @@ def report_text(result: dict) -> str:
     if result.get("vanished_ids"):
         ids = result["vanished_ids"]
         more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
-        lines.append(f"VANISHED: {len(ids)} listed test(s) no longer exist (renamed or removed upstream, or their "
-                     f"file did not collect): not run, in no count: {', '.join(ids[:3])}{more}")
+        lines.append(f"VANISHED: {len(ids)} listed test(s) no longer exist (renamed or removed upstream): "
+                     f"not run, in no count: {', '.join(ids[:3])}{more}")
+    if result.get("uncollected_ids"):
+        ids = result["uncollected_ids"]
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        lines.append(f"NOT COLLECTED: {len(ids)} listed test(s) not run: their file did not import (counted once "
+                     f"as that file's failure): {', '.join(ids[:3])}{more}")
     oom = sum(c.get("out_of_memory", 0) for c in result["files"].values())
     if oom:
         lines.append(f"OUT OF MEMORY: {oom} of the failed and skipped ran out of GPU memory; they judge the "
