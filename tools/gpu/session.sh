@@ -60,7 +60,7 @@ if total() < want:
 print(f"MemTotal {total()} GiB")
 PY
   free -g | head -2
-  python3 -m blackwheel.cli doctor --json > "$RES/doctor.json"   # the probe inside names the GPU that came 2>&1
+  python3 -m blackwheel.cli doctor --json > "$RES/doctor.json" 2>&1   # its probe names the GPU that came
 }
 
 case "${1:-}" in
