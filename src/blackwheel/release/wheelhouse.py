@@ -38,14 +38,19 @@ def local_version(cuda: str, target_tag: str, variant_tags=(), torch: str | None
     """``cu130.sm121`` (``cu130.sm90.nofa3`` with a variant off; ``cu130.torch2.11.sm121`` for a wheel
     that links torch 2.11): CUDA, torch, target and variants not at their default in the wheel's
     version, so builds never share a file name."""
-    torch_part = [f"torch{Version(torch).major}.{Version(torch).minor}"] if torch else []
+    torch_part = [f"torch{_minor_release(torch)}"] if torch else []
     return ".".join([f"cu{cuda.replace('.', '')}", *torch_part, target_tag, *variant_tags])
 
 
 def torch_requirement(torch: str) -> str:
     """What a wheel that links torch ``torch`` requires of it: the same minor release, whose
     libraries keep the ABI it was built against."""
-    return f"torch=={Version(torch).major}.{Version(torch).minor}.*"
+    return f"torch=={_minor_release(torch)}.*"
+
+
+def _minor_release(version: str) -> str:
+    v = Version(version)
+    return f"{v.major}.{v.minor}"
 
 
 # ---- reuse ---------------------------------------------------------------------------------------
