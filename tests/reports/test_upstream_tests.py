@@ -74,6 +74,26 @@ def upstream(tmp_path, monkeypatch):
     return load_recipe("pkg"), Fetcher(tmp_path / "cache", tmp_path / "mirror", offline=True)
 
 
+BROKEN = "tests/attention/test_broken_kernels.py"
+BROKEN_TEST = "import torch_ops_that_are_not_there\n\ndef test_never():\n    pass\n"
+
+
+def _repacked(recipe, tmp_path: Path, files: dict[str, str], run_first: tuple[str, ...] = ()) -> Fetcher:
+    """The fixture's sdist with ``files`` written into it, packed again and pinned by the recipe;
+    ``run_first``: test files the recipe lists before its own. A fetcher with a fresh cache reads it."""
+    sdist = tmp_path / "src" / "pkg-1.0"
+    for name, text in files.items():
+        (sdist / name).write_text(text)
+    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sdist, arcname="pkg-1.0")
+    path = Path(recipe.path)
+    listed = ", ".join(f'"{p}"' for p in (*run_first, "tests/attention/test_decode_kernels.py"))
+    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive))
+                    .replace('paths = ["tests/attention/test_decode_kernels.py"]', f"paths = [{listed}]"))
+    return Fetcher(tmp_path / "cache2", tmp_path / "mirror", offline=True)
+
+
 def test_counts_per_file_and_the_coverage_deselects(upstream, tmp_path):
     recipe, fetcher = upstream
     result = run_upstream_tests(recipe, "1.0", fetcher, tmp_path / "work", kernel_set="small")
@@ -176,15 +196,8 @@ def test_nor_this():
 
 def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tmp_path):
     recipe, fetcher = upstream
-    sdist = tmp_path / "src" / "pkg-1.0"
-    (sdist / "tests" / "attention" / "test_decode_kernels.py").write_text(DEADLINE_TEST)
-    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(sdist, arcname="pkg-1.0")
-    path = Path(recipe.path)
-    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive)))
-    result = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
-                                offline=True), tmp_path / "work", deadline_s=3600)
+    repacked = _repacked(recipe, tmp_path, {"tests/attention/test_decode_kernels.py": DEADLINE_TEST})
+    result = run_upstream_tests(load_recipe("pkg"), "1.0", repacked, tmp_path / "work", deadline_s=3600)
     counts = result["files"]["tests/attention/test_decode_kernels.py"]
     assert counts == {"passed": 1, "failed": 0, "skipped": 0, "skipped_missing_module": 0, "not_run_deadline": 2}
     assert result["partial"] == "2 test(s) not run: the 3600 s deadline passed"
@@ -194,8 +207,7 @@ def test_a_deadline_skips_what_was_not_started_and_keeps_the_counts(upstream, tm
     assert result["not_run_ids"] == left
 
     # the rest of that run: only the two it left run (no deadline now, so they run, and fail as written)
-    both = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
-                              offline=True), tmp_path / "work", rest_of=result)
+    both = run_upstream_tests(load_recipe("pkg"), "1.0", repacked, tmp_path / "work", rest_of=result)
     assert both["files"]["tests/attention/test_decode_kernels.py"] == {
         "passed": 1, "failed": 2, "skipped": 0, "skipped_missing_module": 0}
     assert both["runs"] == 2 and "partial" not in both and "not_run_ids" not in both
@@ -231,18 +243,9 @@ def test_a_listed_test_that_no_longer_exists_is_named_as_vanished(upstream, tmp_
 def test_a_listed_test_whose_file_no_longer_imports_is_not_vanished(upstream, tmp_path):
     """The rest of a run, where one listed file has since stopped importing: its tests are named as
     not collected (its import error is its one failure), not as vanished; the other file's still run."""
-    recipe, fetcher = upstream
-    sdist = tmp_path / "src" / "pkg-1.0"
-    broken = "tests/attention/test_broken_kernels.py"
-    (sdist / broken).write_text("import torch_ops_that_are_not_there\n\ndef test_never():\n    pass\n")
-    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(sdist, arcname="pkg-1.0")
-    path = Path(recipe.path)
-    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive))
-                    .replace('paths = ["tests/attention/test_decode_kernels.py"]',
-                             f'paths = ["{broken}", "tests/attention/test_decode_kernels.py"]'))
-    fetcher = Fetcher(tmp_path / "cache2", tmp_path / "mirror", offline=True)
+    recipe, _ = upstream
+    broken = BROKEN
+    fetcher = _repacked(recipe, tmp_path, {broken: BROKEN_TEST}, run_first=(broken,))   # before the recipe is read
     file = "tests/attention/test_decode_kernels.py"
     first = {"package": "pkg", "version": "1.0", "kernel_set": None, "pytest_exit": 0, "missing_modules": [],
              "files": {file: {"passed": 4, "failed": 0, "skipped": 0, "skipped_missing_module": 0}}}
@@ -260,19 +263,9 @@ def test_a_listed_test_whose_file_no_longer_imports_is_not_vanished(upstream, tm
 
 
 def test_a_file_that_does_not_import_fails_alone_and_says_why(upstream, tmp_path):
-    recipe, fetcher = upstream
-    sdist = tmp_path / "src" / "pkg-1.0"
-    (sdist / "tests" / "attention" / "test_broken_kernels.py").write_text(
-        "import torch_ops_that_are_not_there\n\ndef test_never():\n    pass\n")
-    archive = tmp_path / "mirror" / "pypi" / "pkg-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(sdist, arcname="pkg-1.0")
-    path = Path(recipe.path)
-    path.write_text(path.read_text().replace(recipe.version("1.0").sdist.sha256, sha256_file(archive))
-                    .replace('paths = ["tests/attention/test_decode_kernels.py"]',
-                             'paths = ["tests/attention/test_broken_kernels.py", "tests/attention/test_decode_kernels.py"]'))
-    result = run_upstream_tests(load_recipe("pkg"), "1.0", Fetcher(tmp_path / "cache2", tmp_path / "mirror",
-                                offline=True), tmp_path / "work")
+    recipe, _ = upstream
+    fetcher = _repacked(recipe, tmp_path, {BROKEN: BROKEN_TEST}, run_first=(BROKEN,))
+    result = run_upstream_tests(load_recipe("pkg"), "1.0", fetcher, tmp_path / "work")
     assert result["files"]["tests/attention/test_broken_kernels.py"]["failed"] == 1
     assert result["files"]["tests/attention/test_decode_kernels.py"]["passed"] == 5   # the others still ran
     why = result["failure_reasons"]["tests/attention/test_broken_kernels.py"]
